@@ -1,0 +1,113 @@
+"""The learner group: W LearnerWorker actors forming one torch.distributed / DeepSpeed group.
+
+Every call that is a collective under ZeRO (train step, weight export, checkpoint) is sent
+to all ranks at once and awaited together; calling ranks one after another deadlocks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+from actors.rollout_worker import WeightRef
+from learner.batch import RankPlan
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.trainer = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and a free port on this node, for rank 0 to host the process group."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, cfg, model_dir: str, master_addr: str, master_port: int, per_rank_micro_batches: int, temperature: float) -> dict:
+        from learner.trainer import DistSpec, Trainer
+
+        dist = DistSpec(self.rank, self.world_size, master_addr, master_port)
+        self.trainer = Trainer(cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature)
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu": self.trainer.gpu}
+
+    def train_step(self, plan: RankPlan) -> dict:
+        return self.trainer.train_step(plan)
+
+    def logprobs(self, mini_batch) -> list[list[float]]:
+        return self.trainer.logprobs(mini_batch)
+
+    def export_weights(self, path: str, dtype: str, keep: int = 2) -> int:
+        n = self.trainer.export_weights(Path(path), dtype)
+        if self.rank == 0:
+            # Older versions are no longer read by any worker; shared memory is precious.
+            old = sorted(Path(path).parent.glob("policy-v*.safetensors"), key=lambda p: p.stat().st_mtime)
+            for stale in old[:-keep]:
+                stale.unlink(missing_ok=True)
+        return n
+
+    def read_file(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.trainer.save_checkpoint(Path(directory), tag, client_state)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        return self.trainer.load_checkpoint(Path(directory), tag)
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
+
+
+class LearnerGroup:
+    """Driver-side handle: creates the ranks, wires the process group, fans calls out."""
+
+    def __init__(self, cfg, *, run_id: str, num_cpus: float, num_gpus: float):
+        self.cfg = cfg
+        self.world_size = cfg.num_ranks
+        self.workers = [
+            LearnerWorker.options(name=f"learner-{r}", num_cpus=num_cpus, num_gpus=num_gpus).remote(r, self.world_size)
+            for r in range(self.world_size)
+        ]
+        self.run_id = run_id
+        self.node_id = None
+
+    async def setup(self, model_dir: str, per_rank_micro_batches: int, temperature: float) -> list[dict]:
+        addr, port = await self.workers[0].rendezvous.remote()
+        infos = await _gather(
+            [w.setup.remote(self.cfg, model_dir, addr, port, per_rank_micro_batches, temperature) for w in self.workers]
+        )
+        self.node_id = infos[0]["node_id"]
+        return infos
+
+    async def train_step(self, plans: list[RankPlan]) -> list[dict]:
+        return await _gather([w.train_step.remote(p) for w, p in zip(self.workers, plans)])
+
+    async def publish(self, weights_dir: str, version: int, dtype: str) -> WeightRef:
+        path = os.path.join(weights_dir, f"policy-v{version}.safetensors")
+        await _gather([w.export_weights.remote(path, dtype) for w in self.workers])
+        return WeightRef(version=version, path=path, node_id=self.node_id, source=self.workers[0])
+
+    async def close(self) -> None:
+        try:
+            await _gather([w.close.remote() for w in self.workers])
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+
+
+async def _gather(refs):
+    import asyncio
+
+    return list(await asyncio.gather(*refs))

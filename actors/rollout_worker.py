@@ -1,0 +1,94 @@
+"""RolloutWorker actor: one generation engine plus the agent loop, many episodes in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from rollout.agent_loop import AgentLoop, EpisodeLimits, EpisodeSampling
+from rollout.engine import EngineSpec, create_engine
+from rollout.tools.corpus import CorpusBackend
+from rollout.tools.toolbox import Toolbox
+from rollout.types import Question, Trajectory
+
+
+@dataclass(frozen=True)
+class EpisodeRequest:
+    question: Question
+    sample_index: int
+    temperature: float
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a published policy version lies: a safetensors file on the learner's node."""
+
+    version: int
+    path: str
+    node_id: str
+    # The learner actor that can send the file to a worker on another node.
+    source: object = None
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, name: str, engine_kind: str, spec: EngineSpec, limits: EpisodeLimits, tools, documents, weights_dir: str):
+        from transformers import AutoTokenizer
+
+        self.name = name
+        self.weights_dir = Path(weights_dir)
+        t0 = time.perf_counter()
+        self.engine = create_engine(engine_kind, spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        backend = CorpusBackend(documents, snippet_chars=tools.snippet_chars)
+        self.loop = AgentLoop(self.engine, Toolbox.from_config(tools, backend), tokenizer, limits)
+        self.max_concurrency = spec.max_num_seqs
+        self.startup_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "engine": self.engine.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "startup_s": self.startup_s,
+            "version": self.engine.version,
+        }
+
+    async def rollout(self, requests: list[EpisodeRequest], tag: str) -> list[Trajectory]:
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(i: int, req: EpisodeRequest) -> Trajectory:
+            async with gate:
+                sampling = EpisodeSampling(req.temperature, req.top_p, req.seed)
+                traj = await self.loop.run(req.question, req.sample_index, sampling, f"{self.name}-{tag}-{i}")
+                traj.worker = self.name
+                return traj
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    async def load_weights(self, ref: WeightRef) -> float:
+        t0 = time.perf_counter()
+        path = ref.path
+        if ref.node_id != ray.get_runtime_context().get_node_id():
+            # Another node: fetch the file through the object store once, then load it locally.
+            blob = await ref.source.read_file.remote(ref.path)
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            path = str(self.weights_dir / f"{self.name}-v{ref.version}.safetensors")
+            Path(path).write_bytes(blob)
+        await self.engine.load_weights(path, ref.version)
+        if path != ref.path:
+            os.unlink(path)
+        return time.perf_counter() - t0
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

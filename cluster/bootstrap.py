@@ -1,0 +1,124 @@
+"""Start (or join) what a run needs: Ray and Redis. Whatever this process started, it stops.
+
+With no `ray.address` a local Ray starts with its dashboard on loopback; with no `redis.url`
+a private Redis server starts on loopback with a random password and AOF under the run
+folder. Both are torn down on normal exit, on error and on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cluster.config import RunConfig
+from cluster.redis_server import RedisServer, start_redis
+
+ACTOR_ENV = {
+    # Models load from local paths only; never reach for a hub.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+@dataclass
+class Services:
+    redis_url: str
+    redis_password: str | None
+    dashboard_url: str | None
+    node_id: str
+    redis_server: RedisServer | None = None
+    ray_started: bool = False
+
+
+def resolve_redis_password(cfg: RunConfig) -> str | None:
+    url = urlsplit(cfg.redis.url or "")
+    if url.password:
+        return None  # redis-py reads it from the URL
+    return os.environ.get(cfg.redis.password_env)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def needed_cpus(cfg: RunConfig) -> int:
+    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+    return max(int(need + 0.999), os.cpu_count() or 1)
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | None]:
+    """Connect to ``ray.address`` or start a local Ray: (whether this process started it, dashboard URL)."""
+    import ray
+
+    env = {"env_vars": dict(ACTOR_ENV)}
+    if cfg.ray.address:
+        info = ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
+        return False, info.dashboard_url
+    port = cfg.ray.dashboard_port
+    if port and not _port_free(port):
+        from cluster.redis_server import free_port
+
+        port = free_port()
+    info = ray.init(
+        address="local",
+        num_cpus=cfg.ray.num_cpus or needed_cpus(cfg),
+        include_dashboard=True,
+        dashboard_host=cfg.ray.dashboard_host,
+        dashboard_port=port,
+        namespace=cfg.ray.namespace,
+        runtime_env=env,
+        log_to_driver=log_to_driver,
+    )
+    return True, info.dashboard_url
+
+
+@contextmanager
+def services(cfg: RunConfig, output_dir: Path, log=print, log_to_driver: bool = False):
+    import ray
+
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    server = None
+    ray_started = False
+    try:
+        if cfg.redis.url:
+            url, password = cfg.redis.url, resolve_redis_password(cfg)
+        else:
+            server = start_redis(output_dir / "redis", executable=cfg.redis.executable)
+            url, password = server.url, server.password
+            log(f"redis: {url} (pid {server.process.pid}, AOF in {server.data_dir})")
+        ray_started, dashboard = init_ray(cfg, log_to_driver)
+        node_id = ray.get_runtime_context().get_node_id()
+        yield Services(url, password, f"http://{dashboard}" if dashboard else None, node_id, server, ray_started)
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if server is not None:
+                server.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def weights_dir_for(run_id: str, output_dir: Path) -> Path:
+    """Node-local shared memory when there is room (weights are re-read every step), else the run folder."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 << 30:
+        return shm / f"rapo-{run_id}"
+    return output_dir / "weights"

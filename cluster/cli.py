@@ -1,0 +1,128 @@
+"""The `rapo` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+
+def _load(config: str | None, overrides: list[str]):
+    from cluster.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        raise SystemExit(2) from None
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def cmd_init_model(args) -> int:
+    from cluster.model_prep import ensure_policy
+
+    cfg = _load(args.config, args.overrides)
+    path = ensure_policy(cfg, log=_log)
+    print(path)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import ray
+    import yaml
+
+    from cluster.bootstrap import services, weights_dir_for
+    from cluster.controller import RunContext, controller_actor
+    from cluster.model_prep import ensure_policy, model_meta
+    from cluster.progress import follow_run
+    from cluster.tracking import default_tracking_uri
+
+    cfg = _load(args.config, args.overrides)
+    run_id = new_run_id(cfg.name)
+    output_dir = Path(args.output_dir or Path("runs") / run_id).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    _log(f"run {run_id} -> {output_dir}")
+
+    model_dir = ensure_policy(cfg, log=_log)
+    weights_dir = weights_dir_for(run_id, output_dir)
+    try:
+        with services(cfg, output_dir, log=_log) as svc:
+            if svc.dashboard_url:
+                _log(f"ray dashboard: {svc.dashboard_url}")
+            ctx = RunContext(
+                run_id=run_id, output_dir=str(output_dir), model_dir=str(model_dir), redis_url=svc.redis_url,
+                redis_password=svc.redis_password, namespace=cfg.redis.namespace or run_id,
+                tracking_uri=cfg.tracking.uri or default_tracking_uri(output_dir), weights_dir=str(weights_dir),
+                model_meta=model_meta(model_dir),
+            )
+            controller = controller_actor(svc.node_id).remote(cfg, ctx)
+            with console.status("starting rollout workers and learners..."):
+                info = ray.get(controller.start.remote())
+            _log(f"mlflow run id: {info['mlflow_run_id']} (tracking uri {ctx.tracking_uri})")
+            for w in info["workers"]:
+                _log(f"{w['name']}: {w['engine']} engine ready in {w['startup_s']:.0f} s")
+            try:
+                summary = follow_run(controller, cfg.pipeline.steps, console)
+            except ray.exceptions.RayError as e:
+                console.print(f"[red]run failed:[/] {e}", highlight=False)
+                summary_path = output_dir / "summary.json"
+                summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "failed"}
+            finally:
+                try:
+                    ray.get(controller.shutdown.remote(), timeout=120)
+                except Exception as e:  # the run's outcome matters more than a clean shutdown
+                    _log(f"controller shutdown: {e}")
+                ray.kill(controller)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the run[/]")
+        return 130
+    finally:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+    print(json.dumps(summary, indent=2))
+    _log(f"summary: {output_dir / 'summary.json'}")
+    return 0 if summary.get("status") == "completed" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapo", description="RAPO training of deep-research agents on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run training (starts local Ray + Redis unless the config names them)")
+    run.add_argument("config", help="YAML config, e.g. deploy/configs/demo.yaml")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run.add_argument("--output-dir", help="run folder (default: runs/<run id>)")
+    run.set_defaults(func=cmd_run)
+
+    init = sub.add_parser("init-model", help="build the starting policy (convert + warm start) and print its folder")
+    init.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    init.add_argument("overrides", nargs="*")
+    init.set_defaults(func=cmd_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_intermixed_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The whole run's configuration: typed, validated before anything starts.
+
+Loaded from YAML, then ``section.key=value`` overrides from the command line. Unknown keys
+and bad values raise ConfigError with the dotted path of every offending field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAPO_CACHE_DIR", Path.home() / ".cache" / "rapo-cluster"))
+
+
+class WarmStartConfig(Section):
+    """Short supervised pass on generated successful demo-world episodes (SmolLM2 only)."""
+
+    steps: int = Field(6, ge=0, description="SFT optimizer steps; 0 keeps the converted model as is")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    hops: list[int] = Field(default_factory=lambda: [1], description="question hops used for demonstrations")
+    seed: int = 1234
+
+
+class TinyModelConfig(Section):
+    hidden: int = Field(64, ge=16)
+    layers: int = Field(2, ge=1)
+
+
+class ModelConfig(Section):
+    source: Literal["smollm2", "tiny", "path"] = "smollm2"
+    path: Path | None = Field(None, description="a Hugging Face causal-LM folder; implies source=path")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    @model_validator(mode="after")
+    def _path_means_path(self) -> "ModelConfig":
+        if self.path is not None and self.source != "path":
+            object.__setattr__(self, "source", "path")
+        if self.source == "path" and self.path is None:
+            raise ValueError("model.source is 'path' but model.path is not set")
+        return self
+
+
+class DemoWorldConfig(Section):
+    countries: int = Field(120, ge=8, description="fictional countries; cities and people scale with it")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    hops: list[int] = Field(default_factory=lambda: [1, 2], description="question hops (1..3) in the RL set")
+
+
+class DataConfig(Section):
+    source: Literal["demo", "jsonl"] = "demo"
+    seed: int = Field(0, description="seed of the demo world (entities, corpus, questions, split)")
+    demo: DemoWorldConfig = Field(default_factory=DemoWorldConfig)
+    path: Path | None = Field(None, description="JSONL of {id, question, answer, aliases?} training rows")
+    eval_path: Path | None = Field(None, description="JSONL held-out rows (default: a split of `path`)")
+    eval_size: int = Field(32, ge=1, description="held-out questions used for accuracy")
+
+    @model_validator(mode="after")
+    def _jsonl_needs_path(self) -> "DataConfig":
+        if self.path is not None and self.source != "jsonl":
+            object.__setattr__(self, "source", "jsonl")
+        if self.source == "jsonl" and self.path is None:
+            raise ValueError("data.source is 'jsonl' but data.path is not set")
+        return self
+
+
+class RolloutConfig(Section):
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    num_workers: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU (exact logprobs), bfloat16 on GPU"
+    )
+    max_model_len: int = Field(2048, ge=128)
+    max_tokens_per_turn: int = Field(192, ge=8)
+    max_tool_calls: int = Field(32, ge=1, description="the paper's cap per episode")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_concurrent_episodes: int = Field(64, ge=1, description="per rollout worker")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = True
+
+
+class ToolsConfig(Section):
+    backend: Literal["corpus"] = "corpus"
+    corpus_path: Path | None = Field(
+        None, description="JSONL of {url, title, text} pages searched by the corpus backend (default: the demo world)"
+    )
+    search_top_k: int = Field(3, ge=1, le=20, description="default top_k when a call gives none")
+    max_top_k: int = Field(10, ge=1)
+    snippet_chars: int = Field(90, ge=16)
+    page_chars: int = Field(15000, ge=100, description="page text is clipped to this before extraction")
+    passages_per_query: int = Field(2, ge=1)
+
+
+class RewardsConfig(Section):
+    stage: Literal[1] = 1
+    format_weight: float = Field(0.1, ge=0, le=1)
+    judge: Literal["rule"] = "rule"
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    num_cpus_per_rank: float = Field(1.0, ge=0)
+    num_gpus_per_rank: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="master weights and optimizer state")
+    autocast_bf16: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward on one rank")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per batch (PPO mini-batches)")
+    logprob_chunk_size: int = Field(512, ge=16, description="tokens per LM-head chunk (bounds logits memory)")
+    gradient_checkpointing: bool = True
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    kl_coef: float = Field(0.001, ge=0, description="k3 KL to the initial policy; 0 loads no reference model")
+    entropy_coef: float = Field(0.0, ge=0)
+    behaviour_is_cap: float | None = Field(
+        5.0, gt=0, description="cap of the decoupled-PPO weight pi_prox/pi_behaviour; null disables it"
+    )
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    adv_std: Literal["sample", "population"] = "sample"
+    adv_eps: float = Field(1e-6, gt=0)
+    timeout_s: float = Field(1800, gt=0, description="a learner call taking longer is an error")
+
+
+class PipelineConfig(Section):
+    mode: Literal["sync"] = "sync"
+    steps: int = Field(10, ge=1)
+    questions_per_step: int = Field(4, ge=1)
+    samples_per_question: int = Field(4, ge=2, description="n rollouts per question (the GRPO group)")
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at start and end)")
+    seed: int = 0
+
+
+class RedisConfig(Section):
+    url: str | None = Field(None, description="redis://[:password@]host:port/db; unset starts a local server")
+    password_env: str = Field("RAPO_REDIS_PASSWORD", description="env var holding the password of `url`")
+    namespace: str | None = Field(None, description="key prefix; defaults to the run id")
+    executable: str = "redis-server"
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="existing cluster ('auto' or host:port); unset starts a local one")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (default: what the actors need)")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=0, le=65535)
+    namespace: str = "rapo"
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; unset uses a sqlite store in the output folder")
+    experiment: str = "rapo"
+    run_name: str | None = None
+    plots: bool = True
+
+
+class RunConfig(Section):
+    name: str = "rapo"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "RunConfig":
+        batch = self.pipeline.questions_per_step * self.pipeline.samples_per_question
+        split = self.learner.num_ranks * self.learner.mini_batches
+        per_rank, rest = divmod(batch, split)
+        if rest:
+            raise ValueError(
+                f"pipeline.questions_per_step * pipeline.samples_per_question = {batch} sequences per step "
+                f"must split evenly into learner.mini_batches ({self.learner.mini_batches}) x learner.num_ranks "
+                f"({self.learner.num_ranks})"
+            )
+        if per_rank % self.learner.micro_batch_size:
+            raise ValueError(
+                f"each learner rank trains {per_rank} sequences per mini-batch, which learner.micro_batch_size = "
+                f"{self.learner.micro_batch_size} must divide"
+            )
+        if self.data.source == "jsonl" and self.tools.backend == "corpus" and self.tools.corpus_path is None:
+            raise ValueError(
+                "data.path is set but the corpus backend has nothing to search: set tools.corpus_path to a JSONL "
+                "of {url, title, text} pages"
+            )
+        if self.rollout.max_tokens_per_turn >= self.rollout.max_model_len:
+            raise ValueError("rollout.max_tokens_per_turn must be smaller than rollout.max_model_len")
+        return self
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.pipeline.questions_per_step * self.pipeline.samples_per_question
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        """Micro-batches one rank accumulates per optimizer step."""
+        per_rank = self.train_batch_size // (self.learner.num_ranks * self.learner.mini_batches)
+        return per_rank // self.learner.micro_batch_size
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (check the spelling; see deploy/configs/demo.yaml)")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {e['msg']}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params and the saved config."""
+    out: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out

@@ -1,0 +1,349 @@
+"""The controller: wires rollout workers, rewards, the group stream and the learner group into a run.
+
+It runs as a named Ray actor ("controller") pinned to the driver's node, so the run folder
+and a local tracking store are on local disk. Sync mode: generate a batch, score it,
+hand the groups to the learner through the Redis stream, train, publish weights, repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.learner_group import LearnerGroup
+from actors.rollout_worker import EpisodeRequest, RolloutWorker
+from cluster.config import RunConfig, flatten
+from cluster.data import RunData, load_run_data
+from cluster.tracking import Tracker, plot_curves
+from learner.batch import plan_step
+from learner.group_stream import GroupStream
+from learner.groups import ScoredGroup, batch_samples, group_by_question
+from learner.scheduler import PromptScheduler
+from rewards.scoring import score_stage1
+from rollout.agent_loop import EpisodeLimits
+from rollout.engine import EngineSpec, resolve_engine_kind
+from rollout.types import Question, Trajectory
+
+
+@dataclass
+class RunContext:
+    """What the driver decided before the cluster starts: where things are, which ids."""
+
+    run_id: str
+    output_dir: str
+    model_dir: str
+    redis_url: str
+    redis_password: str | None
+    namespace: str
+    tracking_uri: str
+    weights_dir: str
+    model_meta: dict = field(default_factory=dict)
+
+
+def episode_seed(run_seed: int, step: int, question_id: str, sample: int) -> int:
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{question_id}/{sample}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def trajectory_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
+    if not trajs:
+        return {}
+    out = {
+        f"{prefix}/accuracy": float(np.mean([bool(t.correct) for t in trajs])),
+        f"{prefix}/format_ok": float(np.mean([t.format_ok for t in trajs])),
+        f"{prefix}/tool_calls_per_episode": float(np.mean([t.num_tool_calls for t in trajs])),
+        f"{prefix}/response_tokens": float(np.mean([t.generated_tokens for t in trajs])),
+        f"{prefix}/episode_tokens": float(np.mean([len(t.token_ids) for t in trajs])),
+        f"{prefix}/turns": float(np.mean([t.num_turns for t in trajs])),
+    }
+    if all(t.reward is not None for t in trajs):
+        out[f"{prefix}/reward"] = float(np.mean([t.reward for t in trajs]))
+    for reason in ("answered", "max_tool_calls", "context", "turn_length"):
+        out[f"{prefix}/finish_{reason}"] = float(np.mean([t.finish_reason == reason for t in trajs]))
+    bad_calls = [c for t in trajs for c in t.tool_calls if not c.ok]
+    calls = sum(t.num_tool_calls for t in trajs)
+    out[f"{prefix}/tool_error_rate"] = len(bad_calls) / calls if calls else 0.0
+    return out
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, ctx: RunContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.output_dir = Path(ctx.output_dir)
+        self.phase = "starting"
+        self.step = 0
+        self.version = 0
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.workers: list = []
+        self.learner: LearnerGroup | None = None
+        self.tracker: Tracker | None = None
+        self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
+        self.started = time.time()
+        self.episodes = 0
+        self.errors: list[str] = []
+        self.worker_info: list[dict] = []
+
+    # ---- set-up -------------------------------------------------------------------------
+    async def start(self) -> dict:
+        import redis.asyncio as aioredis
+
+        cfg = self.cfg
+        self.data: RunData = load_run_data(cfg)
+        self.questions: dict[str, Question] = self.data.by_id()
+        self.redis = aioredis.Redis.from_url(
+            self.ctx.redis_url, password=self.ctx.redis_password,
+            connection_pool_class=aioredis.BlockingConnectionPool, max_connections=32,
+        )
+        await self.redis.ping()
+        self.stream = GroupStream(self.redis, self.ctx.namespace)
+        await self.stream.ensure()
+        self.scheduler = PromptScheduler([q.id for q in self.data.train], cfg.pipeline.seed)
+
+        self.phase = "starting actors"
+        documents = ray.put(self.data.documents)
+        self.workers = [self._make_worker(i, documents) for i in range(cfg.rollout.num_workers)]
+        lc = cfg.learner
+        self.learner = LearnerGroup(lc, run_id=self.ctx.run_id, num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank)
+        learner_setup = self.learner.setup(self.ctx.model_dir, cfg.micro_batches_per_rank, cfg.rollout.temperature)
+        results = await asyncio.gather(learner_setup, *(w.info.remote() for w in self.workers))
+        self.learner_info, self.worker_info = results[0], list(results[1:])
+        if self.tracker is None:
+            self.tracker = Tracker(self.ctx.tracking_uri, cfg.tracking.experiment, self.output_dir)
+            self.mlflow_run_id = self.tracker.start(
+                cfg.tracking.run_name or self.ctx.run_id, flatten(cfg),
+                tags={"rapo.run_id": self.ctx.run_id, "rapo.engine": self.engine_kind, "rapo.mode": cfg.pipeline.mode},
+            )
+        return {"mlflow_run_id": self.mlflow_run_id, "workers": self.worker_info, "learners": self.learner_info}
+
+    def _make_worker(self, index: int, documents):
+        cfg = self.cfg
+        r = cfg.rollout
+        gpu = r.num_gpus_per_worker > 0
+        dtype = r.dtype if r.dtype != "auto" else ("bfloat16" if gpu else "float32")
+        self.rollout_dtype = dtype
+        spec = EngineSpec(
+            model_dir=Path(self.ctx.model_dir), dtype=dtype, max_model_len=r.max_model_len, seed=cfg.pipeline.seed + index,
+            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+            max_num_seqs=r.max_concurrent_episodes,
+        )
+        limits = EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
+        return RolloutWorker.options(name=f"rollout-{index}", num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker).remote(
+            f"rollout-{index}", self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir
+        )
+
+    # ---- the loop -------------------------------------------------------------------------
+    async def run(self) -> dict:
+        cfg = self.cfg
+        try:
+            self.phase = "evaluating (initial)"
+            await self._evaluate(0)
+            for step in range(1, cfg.pipeline.steps + 1):
+                self.step = step
+                await self._sync_step(step)
+                if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step != cfg.pipeline.steps:
+                    self.phase = f"evaluating (step {step})"
+                    await self._evaluate(step)
+            self.phase = "evaluating (final)"
+            await self._evaluate(cfg.pipeline.steps)
+            summary = self._summary("completed")
+            self._finish(summary, "FINISHED")
+            return summary
+        except BaseException as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+            summary = self._summary("failed")
+            self._finish(summary, "FAILED")
+            raise
+
+    async def _rollout(self, requests: list[EpisodeRequest], tag: str) -> list[Trajectory]:
+        # Deal whole requests round-robin; each worker runs its share concurrently.
+        shares = [requests[i :: len(self.workers)] for i in range(len(self.workers))]
+        results = await asyncio.gather(*(w.rollout.remote(s, tag) for w, s in zip(self.workers, shares) if s))
+        return [t for part in results for t in part]
+
+    async def _sync_step(self, step: int) -> None:
+        cfg, p = self.cfg, self.cfg.pipeline
+        t_step = time.perf_counter()
+        self.phase = f"step {step}: generating"
+        qids, _ = self.scheduler.next_batch(p.questions_per_step)
+        requests = [
+            EpisodeRequest(self.questions[q], i, cfg.rollout.temperature, cfg.rollout.top_p, episode_seed(p.seed, step, q, i))
+            for q in qids for i in range(p.samples_per_question)
+        ]
+        t0 = time.perf_counter()
+        trajs = await self._rollout(requests, f"s{step}")
+        t_gen = time.perf_counter() - t0
+
+        self.phase = f"step {step}: scoring"
+        t0 = time.perf_counter()
+        for t in trajs:
+            score_stage1(t, self.questions[t.question_id], cfg.rewards.format_weight)
+        groups = group_by_question(trajs, p.samples_per_question)
+        for g in groups:
+            await self.stream.publish(g)
+        t_reward = time.perf_counter() - t0
+
+        self.phase = f"step {step}: training"
+        t0 = time.perf_counter()
+        entries = await self._read_groups(len(groups))
+        batch_groups = [g for _, g in entries]
+        samples, scale, n_good = batch_samples(
+            batch_groups, std=cfg.learner.adv_std, eps=cfg.learner.adv_eps, scale=False, version=self.version
+        )
+        plans = plan_step(samples, cfg.learner.num_ranks, cfg.learner.mini_batches, seed=p.seed * 100003 + step)
+        sums = self._reduce(await self.learner.train_step(plans))
+        await self.stream.ack([eid for eid, _ in entries])
+        t_train = time.perf_counter() - t0
+
+        self.phase = f"step {step}: syncing weights"
+        t0 = time.perf_counter()
+        self.version += 1
+        ref = await self.learner.publish(self.ctx.weights_dir, self.version, self.rollout_dtype)
+        await asyncio.gather(*(w.load_weights.remote(ref) for w in self.workers))
+        t_sync = time.perf_counter() - t0
+
+        self.episodes += len(trajs)
+        metrics = {"step": step, "policy_version": self.version}
+        metrics.update(trajectory_metrics(trajs, "train"))
+        rewards = np.array([t.reward for t in trajs])
+        metrics["reward/mean"] = float(rewards.mean())
+        metrics["reward/std"] = float(rewards.std())
+        metrics["advantage/scale"] = scale
+        metrics["advantage/good_groups"] = n_good
+        metrics.update({f"learner/{k}": v for k, v in sums.items()})
+        metrics.update({
+            "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/weight_sync_s": t_sync,
+            "time/step_s": time.perf_counter() - t_step,
+        })
+        metrics["train/generated_tokens_per_s"] = sum(t.generated_tokens for t in trajs) / max(t_gen, 1e-9)
+        metrics["queue/groups_depth"] = await self.stream.depth()
+        self.history.append(metrics)
+        self.tracker.log_metrics(metrics, step)
+
+    async def _read_groups(self, count: int) -> list[tuple[str, ScoredGroup]]:
+        entries: list[tuple[str, ScoredGroup]] = []
+        deadline = time.monotonic() + 60
+        while len(entries) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the group stream delivered {len(entries)} of {count} groups within 60 s")
+            entries += await self.stream.read(count - len(entries), block_ms=1000)
+        return entries
+
+    @staticmethod
+    def _reduce(per_rank: list[dict]) -> dict[str, float]:
+        total = {k: sum(r[k] for r in per_rank) for k in per_rank[0]}
+        tokens = max(total.pop("tokens"), 1.0)
+        out = {k: total[k] / tokens for k in ("pg_loss", "kl", "entropy", "clip_frac", "ratio", "is_weight", "prox_behaviour_abs_diff")}
+        out["loss"] = total["loss"]
+        out["tokens"] = tokens
+        out["grad_norm"] = max(r["grad_norm"] for r in per_rank)
+        out["rank_time_s"] = max(r["train_time_s"] for r in per_rank)
+        return out
+
+    async def _evaluate(self, step: int) -> dict[str, float]:
+        requests = [EpisodeRequest(q, 0, temperature=0.0, top_p=1.0, seed=None) for q in self.data.heldout]
+        t0 = time.perf_counter()
+        trajs = await self._rollout(requests, f"eval{step}")
+        for t in trajs:
+            score_stage1(t, self.questions[t.question_id], self.cfg.rewards.format_weight)
+        metrics = {"step": step, **trajectory_metrics(trajs, "eval"), "time/eval_s": time.perf_counter() - t0}
+        self.evals.append(metrics)
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        (self.output_dir / "eval").mkdir(exist_ok=True)
+        with open(self.output_dir / "eval" / f"step-{step:04d}.jsonl", "w") as fh:
+            for t in trajs:
+                fh.write(json.dumps({"id": t.question_id, "answer": t.answer, "correct": t.correct,
+                                     "tool_calls": t.num_tool_calls, "response_tokens": t.generated_tokens,
+                                     "finish_reason": t.finish_reason}) + "\n")
+        return metrics
+
+    # ---- reporting --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "steps": self.cfg.pipeline.steps,
+            "version": self.version,
+            "episodes": self.episodes,
+            "reward": last.get("reward/mean"),
+            "train_accuracy": last.get("train/accuracy"),
+            "eval_accuracy": self.evals[-1]["eval/accuracy"] if self.evals else None,
+            "step_time_s": last.get("time/step_s"),
+        }
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        first = self.evals[0] if self.evals else {}
+        final = self.evals[-1] if len(self.evals) > 1 else {}
+        all_steps = self.history
+        return {
+            "status": status,
+            "run_id": self.ctx.run_id,
+            "mlflow_run_id": getattr(self, "mlflow_run_id", None),
+            "mode": self.cfg.pipeline.mode,
+            "steps": len(all_steps),
+            "episodes": self.episodes,
+            "engine": self.engine_kind,
+            "learner": "deepspeed",
+            "zero_stage": self.cfg.learner.zero_stage,
+            "learner_ranks": self.cfg.learner.num_ranks,
+            "rollout_workers": len(self.workers),
+            "weight_versions_published": self.version,
+            "accuracy_initial": first.get("eval/accuracy"),
+            "accuracy_final": final.get("eval/accuracy"),
+            "eval_questions": len(self.data.heldout) if hasattr(self, "data") else 0,
+            "reward_first_step": all_steps[0]["reward/mean"] if all_steps else None,
+            "reward_last_step": all_steps[-1]["reward/mean"] if all_steps else None,
+            "tool_calls_per_episode": float(np.mean([h["train/tool_calls_per_episode"] for h in all_steps])) if all_steps else None,
+            "response_tokens_per_episode": float(np.mean([h["train/response_tokens"] for h in all_steps])) if all_steps else None,
+            "mean_step_time_s": float(np.mean([h["time/step_s"] for h in all_steps])) if all_steps else None,
+            "wall_time_s": time.time() - self.started,
+            "model_dir": self.ctx.model_dir,
+            "model_source": self.ctx.model_meta.get("source", "path"),
+            "errors": self.errors,
+        }
+
+    def _finish(self, summary: dict, status: str) -> None:
+        path = self.output_dir / "summary.json"
+        path.write_text(json.dumps(summary, indent=2))
+        if self.tracker is None:
+            return
+        try:
+            self.tracker.log_artifact(path)
+            (self.output_dir / "history.json").write_text(json.dumps({"steps": self.history, "evals": self.evals}, indent=2))
+            self.tracker.log_artifact(self.output_dir / "history.json")
+            if self.cfg.tracking.plots and self.history:
+                png = plot_curves(self.history, self.evals, self.output_dir / "reward_curve.png", f"{self.ctx.run_id}")
+                self.tracker.log_artifact(png)
+        finally:
+            self.tracker.finish(status)
+
+    async def shutdown(self) -> None:
+        tasks = [w.shutdown.remote() for w in self.workers]
+        if tasks:
+            await asyncio.wait([asyncio.ensure_future(t) for t in tasks], timeout=30)
+        if self.learner is not None:
+            await self.learner.close()
+        for w in self.workers:
+            ray.kill(w)
+        await self.redis.aclose()
+
+
+def controller_actor(node_id: str):
+    """The Controller as a named async actor, pinned to ``node_id`` (the driver's node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(Controller).options(
+        name="controller", num_cpus=0, max_concurrency=64,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    )
+

@@ -1,0 +1,75 @@
+"""The durable hand-off between group assembly and the learner: a Redis Stream with a consumer group.
+
+An entry is one scored group. The learner reads entries as a consumer of the group and
+acknowledges (and deletes) them only once the step that used them is done, so a learner
+that dies mid-step leaves its entries pending, to be claimed again.
+"""
+
+from __future__ import annotations
+
+from learner.groups import ScoredGroup
+from rollout.types import Trajectory
+
+CONSUMER_GROUP = "learner"
+
+
+def encode_group(group: ScoredGroup) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = {b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode()}
+    for i, member in enumerate(group.members):
+        for key, value in member.to_wire().items():
+            fields[f"{i}:{key}".encode()] = value
+    return fields
+
+
+def decode_group(fields: dict[bytes, bytes]) -> ScoredGroup:
+    n = int(fields[b"n"])
+    members = []
+    for i in range(n):
+        prefix = f"{i}:".encode()
+        members.append(Trajectory.from_wire({k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}))
+    return ScoredGroup(fields[b"qid"].decode(), members)
+
+
+class GroupStream:
+    def __init__(self, redis, namespace: str, consumer: str = "learner-0"):
+        self.redis = redis
+        self.key = f"{namespace}:groups"
+        self.consumer = consumer
+
+    async def ensure(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.redis.xgroup_create(self.key, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def publish(self, group: ScoredGroup) -> str:
+        entry = await self.redis.xadd(self.key, encode_group(group))
+        return entry.decode() if isinstance(entry, bytes) else entry
+
+    async def read(self, count: int, block_ms: int = 1000) -> list[tuple[str, ScoredGroup]]:
+        """Up to ``count`` new entries for this consumer (waits up to ``block_ms`` for the first)."""
+        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer, {self.key: ">"}, count=count, block=block_ms)
+        return [(_id(eid), decode_group(fields)) for _, entries in reply or [] for eid, fields in entries]
+
+    async def pending(self, count: int = 1000) -> list[tuple[str, ScoredGroup]]:
+        """Entries delivered to this consumer but never acknowledged (a step that did not finish)."""
+        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer, {self.key: "0"}, count=count)
+        return [(_id(eid), decode_group(fields)) for _, entries in reply or [] for eid, fields in entries if fields]
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.key, CONSUMER_GROUP, *entry_ids)
+            pipe.xdel(self.key, *entry_ids)
+            await pipe.execute()
+
+    async def depth(self) -> int:
+        return int(await self.redis.xlen(self.key))
+
+
+def _id(entry_id) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id

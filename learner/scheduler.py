@@ -1,0 +1,65 @@
+"""Which questions each step trains on: epochs over the active set, reshuffled per epoch.
+
+The state (epoch, position, pruned ids) is plain data so that it can be checkpointed and
+restored; the same seed and state always give the same next batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SchedulerState:
+    epoch: int = 0
+    position: int = 0
+    pruned: list[str] = field(default_factory=list)
+
+
+class PromptScheduler:
+    def __init__(self, question_ids: list[str], seed: int, state: SchedulerState | None = None):
+        if not question_ids:
+            raise ValueError("the training set is empty")
+        if len(set(question_ids)) != len(question_ids):
+            raise ValueError("question ids must be unique")
+        self.ids = list(question_ids)
+        self.seed = seed
+        self.state = state or SchedulerState()
+
+    def _order(self, epoch: int) -> list[str]:
+        pruned = set(self.state.pruned)
+        active = [q for q in self.ids if q not in pruned]
+        rng = np.random.default_rng([self.seed, epoch])
+        return [active[i] for i in rng.permutation(len(active))]
+
+    @property
+    def active(self) -> int:
+        return len(self.ids) - len(set(self.state.pruned))
+
+    def next_batch(self, k: int) -> tuple[list[str], bool]:
+        """k question ids and whether an epoch ended while drawing them.
+
+        A batch never holds a question twice; when the epoch runs out mid-batch the next
+        epoch's order fills it (skipping ids already drawn).
+        """
+        if self.active < k:
+            raise ValueError(f"only {self.active} active questions left, fewer than the {k} a step needs")
+        batch: list[str] = []
+        epoch_ended = False
+        while len(batch) < k:
+            order = self._order(self.state.epoch)
+            while self.state.position < len(order) and len(batch) < k:
+                q = order[self.state.position]
+                self.state.position += 1
+                if q not in batch:
+                    batch.append(q)
+            if len(batch) < k or self.state.position >= len(order):
+                self.state.epoch += 1
+                self.state.position = 0
+                epoch_ended = True
+        return batch, epoch_ended
+
+    def prune(self, question_ids: set[str]) -> None:
+        self.state.pruned = sorted(set(self.state.pruned) | set(question_ids))

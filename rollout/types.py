@@ -1,0 +1,109 @@
+"""The records that travel through the pipeline: questions in, trajectories out.
+
+A Trajectory is token-in-token-out: ``token_ids`` is the whole episode (prompt, generated
+turns, tool responses) exactly as the engine saw it, ``loss_mask`` marks the tokens the
+policy generated, and ``behaviour_logprobs`` holds the sampling policy's logprob of each
+token (0 where the mask is 0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+    hops: int = 1
+
+    def golds(self) -> tuple[str, ...]:
+        return (self.answer, *self.aliases)
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    # "ok", or why the call could not run (bad JSON, unknown tool, bad arguments, backend error).
+    status: str = "ok"
+    error: str = ""
+    result: str = ""
+    # URLs a search returned (for redundancy labels), or the URL a query_url read.
+    urls: list[str] = field(default_factory=list)
+    turn: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Trajectory:
+    question_id: str
+    sample_index: int
+    token_ids: list[int]
+    loss_mask: list[int]
+    behaviour_logprobs: list[float]
+    prompt_length: int
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    final_text: str = ""
+    answer: str | None = None
+    # "answered" (a turn without tool calls), "max_tool_calls", "context", "turn_length", "aborted".
+    finish_reason: str = "answered"
+    num_turns: int = 0
+    format_ok: bool = False
+    policy_version_start: int = 0
+    policy_version_end: int = 0
+    # Filled by the reward stage.
+    reward: float | None = None
+    correct: bool | None = None
+    labels: list[str] = field(default_factory=list)
+    replayed: bool = False
+    worker: str = ""
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(sum(self.loss_mask))
+
+    @property
+    def num_tool_calls(self) -> int:
+        return len(self.tool_calls)
+
+    def validate(self) -> None:
+        n = len(self.token_ids)
+        if len(self.loss_mask) != n or len(self.behaviour_logprobs) != n:
+            raise ValueError(
+                f"trajectory {self.question_id}/{self.sample_index}: token_ids ({n}), loss_mask "
+                f"({len(self.loss_mask)}) and behaviour_logprobs ({len(self.behaviour_logprobs)}) differ in length"
+            )
+
+    # Compact wire format: arrays as raw bytes, the rest as JSON. Used for Redis and checkpoints.
+    def to_wire(self) -> dict[str, bytes]:
+        meta = asdict(self)
+        for key in ("token_ids", "loss_mask", "behaviour_logprobs"):
+            meta.pop(key)
+        return {
+            "meta": json.dumps(meta, separators=(",", ":")).encode(),
+            "ids": np.asarray(self.token_ids, dtype=np.int32).tobytes(),
+            "mask": np.asarray(self.loss_mask, dtype=np.uint8).tobytes(),
+            "logp": np.asarray(self.behaviour_logprobs, dtype=np.float32).tobytes(),
+        }
+
+    @classmethod
+    def from_wire(cls, fields: dict[bytes | str, bytes]) -> "Trajectory":
+        get = lambda k: fields[k] if k in fields else fields[k.encode()]  # noqa: E731
+        meta = json.loads(get("meta"))
+        meta["tool_calls"] = [ToolCall(**c) for c in meta["tool_calls"]]
+        return cls(
+            token_ids=np.frombuffer(get("ids"), dtype=np.int32).tolist(),
+            loss_mask=np.frombuffer(get("mask"), dtype=np.uint8).tolist(),
+            behaviour_logprobs=np.frombuffer(get("logp"), dtype=np.float32).tolist(),
+            **meta,
+        )

