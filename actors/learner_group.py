@@ -99,6 +99,12 @@ class LearnerGroup:
         await _gather([w.export_weights.remote(path, dtype) for w in self.workers])
         return WeightRef(version=version, path=path, node_id=self.node_id, source=self.workers[0])
 
+    async def save_checkpoint(self, directory: str, tag: str) -> None:
+        await _gather([w.save_checkpoint.remote(directory, tag, {}) for w in self.workers])
+
+    async def load_checkpoint(self, directory: str, tag: str) -> None:
+        await _gather([w.load_checkpoint.remote(directory, tag) for w in self.workers])
+
     async def close(self) -> None:
         try:
             await _gather([w.close.remote() for w in self.workers])

@@ -43,13 +43,34 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def _prepare_in_child(cfg) -> None:
+    from cluster.model_prep import ensure_policy
+
+    ensure_policy(cfg, log=_log)
+
+
+def prepare_policy(cfg) -> Path:
+    """Build (or find) the starting policy in a child process, so the few GB that conversion and
+    the warm start hold go back to the OS before Ray, vLLM and the learner start."""
+    import multiprocessing
+
+    from cluster.model_prep import ensure_policy
+
+    child = multiprocessing.get_context("spawn").Process(target=_prepare_in_child, args=(cfg,))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"preparing the policy model failed (exit code {child.exitcode})")
+    return ensure_policy(cfg, log=_log)  # now cached: returns the folder at once
+
+
 def cmd_run(args) -> int:
     import ray
     import yaml
 
     from cluster.bootstrap import services, weights_dir_for
     from cluster.controller import RunContext, controller_actor
-    from cluster.model_prep import ensure_policy, model_meta
+    from cluster.model_prep import model_meta
     from cluster.progress import follow_run
     from cluster.tracking import default_tracking_uri
 
@@ -60,7 +81,7 @@ def cmd_run(args) -> int:
     (output_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     _log(f"run {run_id} -> {output_dir}")
 
-    model_dir = ensure_policy(cfg, log=_log)
+    model_dir = prepare_policy(cfg)
     weights_dir = weights_dir_for(run_id, output_dir)
     try:
         with services(cfg, output_dir, log=_log) as svc:
@@ -118,9 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_intermixed_args(argv)
+    from cluster.bootstrap import ACTOR_ENV
+
+    for key, value in ACTOR_ENV.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options too (`rapo run c.yaml --output-dir d a.b=1`).
+    stray = [e for e in extra if "=" not in e or e.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     return args.func(args)
 
 

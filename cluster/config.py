@@ -118,9 +118,24 @@ class RewardsConfig(Section):
 
 
 class LearnerConfig(Section):
+    algorithm: Literal["rapo", "grpo"] = Field(
+        "rapo", description="rapo: advantage scaling + replay + pruning on; grpo: all three off (the ablation)"
+    )
+    adv_scaling: bool | None = Field(None, description="scale advantages by G/G_good (default: on for rapo)")
+    replay: bool | None = Field(None, description="per-question replay buffer (default: on for rapo)")
+    pruning: bool | None = Field(None, description="epoch-level pruning of solved questions (default: on for rapo)")
+    replay_threshold: float = Field(0.5, description="a trajectory is stored when judged correct with reward above this")
+    replay_max_entries: int = Field(100_000, ge=1, description="questions kept in the buffer (least recently stored evicted)")
+    replay_on_policy: bool = Field(True, description="replayed samples get importance weight 1, as in the paper")
+    prune_threshold: float = Field(0.9, gt=0, le=1, description="solve rate at which a question is pruned")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end of the run)")
+    checkpoint_keep: int = Field(2, ge=1, description="checkpoints kept on disk")
     num_ranks: int = Field(1, ge=1)
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads per rank (default: the node's cores / ranks; Ray would give 1)"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="master weights and optimizer state")
     autocast_bf16: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
@@ -144,6 +159,11 @@ class LearnerConfig(Section):
     adv_eps: float = Field(1e-6, gt=0)
     timeout_s: float = Field(1800, gt=0, description="a learner call taking longer is an error")
 
+    def feature(self, name: str) -> bool:
+        """adv_scaling / replay / pruning: the explicit setting, else the algorithm's default."""
+        value = getattr(self, name)
+        return (self.algorithm == "rapo") if value is None else value
+
 
 class PipelineConfig(Section):
     mode: Literal["sync"] = "sync"
@@ -151,6 +171,9 @@ class PipelineConfig(Section):
     questions_per_step: int = Field(4, ge=1)
     samples_per_question: int = Field(4, ge=2, description="n rollouts per question (the GRPO group)")
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at start and end)")
+    eval_temperature: float = Field(
+        0.6, ge=0, description="sampling temperature of held-out evals (the paper evaluates at 0.6; 0 is greedy)"
+    )
     seed: int = 0
 
 

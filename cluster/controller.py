@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,14 @@ from actors.learner_group import LearnerGroup
 from actors.rollout_worker import EpisodeRequest, RolloutWorker
 from cluster.config import RunConfig, flatten
 from cluster.data import RunData, load_run_data
+from cluster.redis_server import async_client
 from cluster.tracking import Tracker, plot_curves
 from learner.batch import plan_step
 from learner.group_stream import GroupStream
-from learner.groups import ScoredGroup, batch_samples, group_by_question
-from learner.scheduler import PromptScheduler
+from learner.groups import ScoredGroup, batch_samples, group_by_question, inject_replays
+from learner.pruning import PruningState
+from learner.replay_buffer import ReplayBuffer
+from learner.scheduler import PromptScheduler, SchedulerState
 from rewards.scoring import score_stage1
 from rollout.agent_loop import EpisodeLimits
 from rollout.engine import EngineSpec, resolve_engine_kind
@@ -46,6 +50,8 @@ class RunContext:
     tracking_uri: str
     weights_dir: str
     model_meta: dict = field(default_factory=dict)
+    # A checkpoint folder to continue from (``rapo run --resume``).
+    resume_from: str | None = None
 
 
 def episode_seed(run_seed: int, step: int, question_id: str, sample: int) -> int:
@@ -87,27 +93,37 @@ class Controller:
         self.workers: list = []
         self.learner: LearnerGroup | None = None
         self.tracker: Tracker | None = None
+        self.mlflow_run_id: str | None = None
         self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
         self.started = time.time()
+        self.elapsed_before = 0.0  # wall time of the runs this one resumes
         self.episodes = 0
+        self.replay_injections = 0
+        self.pruned_questions: set[str] = set()
         self.errors: list[str] = []
         self.worker_info: list[dict] = []
+        self.redis = None
+        lc = cfg.learner
+        self.use_scaling, self.use_replay, self.use_pruning = (lc.feature("adv_scaling"), lc.feature("replay"), lc.feature("pruning"))
 
     # ---- set-up -------------------------------------------------------------------------
     async def start(self) -> dict:
-        import redis.asyncio as aioredis
-
         cfg = self.cfg
         self.data: RunData = load_run_data(cfg)
         self.questions: dict[str, Question] = self.data.by_id()
-        self.redis = aioredis.Redis.from_url(
-            self.ctx.redis_url, password=self.ctx.redis_password,
-            connection_pool_class=aioredis.BlockingConnectionPool, max_connections=32,
-        )
+        self.redis = async_client(self.ctx.redis_url, self.ctx.redis_password)
         await self.redis.ping()
-        self.stream = GroupStream(self.redis, self.ctx.namespace)
+        ns = self.ctx.namespace
+        self.stream = GroupStream(self.redis, ns)
         await self.stream.ensure()
-        self.scheduler = PromptScheduler([q.id for q in self.data.train], cfg.pipeline.seed)
+        self.replay = ReplayBuffer(self.redis, ns, threshold=cfg.learner.replay_threshold, max_entries=cfg.learner.replay_max_entries)
+        self.pruning = PruningState(self.redis, ns, threshold=cfg.learner.prune_threshold)
+        resumed = self._load_controller_state() if self.ctx.resume_from else None
+        state = SchedulerState(**resumed["scheduler"]) if resumed else None
+        self.scheduler = PromptScheduler([q.id for q in self.data.train], cfg.pipeline.seed, state)
+        # The pruned set lives in Redis: a resumed (or restarted) run skips what was pruned before.
+        self.pruned_questions = await self.pruning.pruned() if self.use_pruning else set()
+        self.scheduler.prune(self.pruned_questions)
 
         self.phase = "starting actors"
         documents = ray.put(self.data.documents)
@@ -117,13 +133,19 @@ class Controller:
         learner_setup = self.learner.setup(self.ctx.model_dir, cfg.micro_batches_per_rank, cfg.rollout.temperature)
         results = await asyncio.gather(learner_setup, *(w.info.remote() for w in self.workers))
         self.learner_info, self.worker_info = results[0], list(results[1:])
-        if self.tracker is None:
-            self.tracker = Tracker(self.ctx.tracking_uri, cfg.tracking.experiment, self.output_dir)
-            self.mlflow_run_id = self.tracker.start(
-                cfg.tracking.run_name or self.ctx.run_id, flatten(cfg),
-                tags={"rapo.run_id": self.ctx.run_id, "rapo.engine": self.engine_kind, "rapo.mode": cfg.pipeline.mode},
-            )
-        return {"mlflow_run_id": self.mlflow_run_id, "workers": self.worker_info, "learners": self.learner_info}
+        if resumed:
+            self.phase = "restoring checkpoint"
+            await self.learner.load_checkpoint(str(self.output_dir / "checkpoints"), resumed["tag"])
+            await self._publish_weights()
+        self.tracker = Tracker(self.ctx.tracking_uri, cfg.tracking.experiment, self.output_dir)
+        self.mlflow_run_id = self.tracker.start(
+            cfg.tracking.run_name or self.ctx.run_id, flatten(cfg),
+            tags={"rapo.run_id": self.ctx.run_id, "rapo.engine": self.engine_kind, "rapo.mode": cfg.pipeline.mode,
+                  "rapo.algorithm": cfg.learner.algorithm},
+            resume_run_id=self.mlflow_run_id,
+        )
+        return {"mlflow_run_id": self.mlflow_run_id, "workers": self.worker_info, "learners": self.learner_info,
+                "resumed_at_step": self.step if resumed else None}
 
     def _make_worker(self, index: int, documents):
         cfg = self.cfg
@@ -145,22 +167,28 @@ class Controller:
     async def run(self) -> dict:
         cfg = self.cfg
         try:
-            self.phase = "evaluating (initial)"
-            await self._evaluate(0)
-            for step in range(1, cfg.pipeline.steps + 1):
+            if not self.evals:
+                self.phase = "evaluating (initial)"
+                await self._evaluate(0)
+            for step in range(self.step + 1, cfg.pipeline.steps + 1):
                 self.step = step
                 await self._sync_step(step)
+                every = cfg.learner.checkpoint_every
+                if every and step % every == 0 and step != cfg.pipeline.steps:
+                    await self._checkpoint(step)
                 if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step != cfg.pipeline.steps:
                     self.phase = f"evaluating (step {step})"
                     await self._evaluate(step)
-            self.phase = "evaluating (final)"
-            await self._evaluate(cfg.pipeline.steps)
-            summary = self._summary("completed")
+            if self.evals[-1]["step"] != self.step:
+                self.phase = "evaluating (final)"
+                await self._evaluate(self.step)
+            await self._checkpoint(self.step)
+            summary = await self._summary("completed")
             self._finish(summary, "FINISHED")
             return summary
         except BaseException as e:
             self.errors.append(f"{type(e).__name__}: {e}")
-            summary = self._summary("failed")
+            summary = await self._summary("failed")
             self._finish(summary, "FAILED")
             raise
 
@@ -174,10 +202,10 @@ class Controller:
         cfg, p = self.cfg, self.cfg.pipeline
         t_step = time.perf_counter()
         self.phase = f"step {step}: generating"
-        qids, _ = self.scheduler.next_batch(p.questions_per_step)
+        draw = self.scheduler.next_batch(p.questions_per_step)
         requests = [
             EpisodeRequest(self.questions[q], i, cfg.rollout.temperature, cfg.rollout.top_p, episode_seed(p.seed, step, q, i))
-            for q in qids for i in range(p.samples_per_question)
+            for q in draw.ids for i in range(p.samples_per_question)
         ]
         t0 = time.perf_counter()
         trajs = await self._rollout(requests, f"s{step}")
@@ -188,27 +216,18 @@ class Controller:
         for t in trajs:
             score_stage1(t, self.questions[t.question_id], cfg.rewards.format_weight)
         groups = group_by_question(trajs, p.samples_per_question)
-        for g in groups:
-            await self.stream.publish(g)
+        assembly = await self._assemble(groups, draw, step)
         t_reward = time.perf_counter() - t0
 
         self.phase = f"step {step}: training"
         t0 = time.perf_counter()
-        entries = await self._read_groups(len(groups))
-        batch_groups = [g for _, g in entries]
-        samples, scale, n_good = batch_samples(
-            batch_groups, std=cfg.learner.adv_std, eps=cfg.learner.adv_eps, scale=False, version=self.version
-        )
-        plans = plan_step(samples, cfg.learner.num_ranks, cfg.learner.mini_batches, seed=p.seed * 100003 + step)
-        sums = self._reduce(await self.learner.train_step(plans))
-        await self.stream.ack([eid for eid, _ in entries])
+        train = await self._train_on_stream(len(groups), step)
         t_train = time.perf_counter() - t0
 
         self.phase = f"step {step}: syncing weights"
         t0 = time.perf_counter()
         self.version += 1
-        ref = await self.learner.publish(self.ctx.weights_dir, self.version, self.rollout_dtype)
-        await asyncio.gather(*(w.load_weights.remote(ref) for w in self.workers))
+        await self._publish_weights()
         t_sync = time.perf_counter() - t0
 
         self.episodes += len(trajs)
@@ -217,9 +236,8 @@ class Controller:
         rewards = np.array([t.reward for t in trajs])
         metrics["reward/mean"] = float(rewards.mean())
         metrics["reward/std"] = float(rewards.std())
-        metrics["advantage/scale"] = scale
-        metrics["advantage/good_groups"] = n_good
-        metrics.update({f"learner/{k}": v for k, v in sums.items()})
+        metrics.update(assembly)
+        metrics.update(train)
         metrics.update({
             "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/weight_sync_s": t_sync,
             "time/step_s": time.perf_counter() - t_step,
@@ -229,8 +247,74 @@ class Controller:
         self.history.append(metrics)
         self.tracker.log_metrics(metrics, step)
 
+    async def _assemble(self, groups: list[ScoredGroup], draw, step: int) -> dict[str, float]:
+        """RAPO bookkeeping on scored groups, then hand them to the learner through the stream.
+
+        Pruning counts use the fresh rollouts only; replay injects a stored success into
+        all-fail groups, and stores this step's newest success of each question.
+        """
+        out: dict[str, float] = {}
+        if self.use_pruning:
+            by_epoch: dict[int, list[tuple[str, bool]]] = {}
+            for g in groups:
+                by_epoch.setdefault(draw.epochs[g.question_id], []).extend((m.question_id, bool(m.correct)) for m in g.members)
+            for epoch, outcomes in by_epoch.items():
+                await self.pruning.record(epoch, outcomes)
+            for epoch in draw.ended:
+                newly = await self.pruning.finish_epoch(epoch)
+                self.pruned_questions |= newly
+                self.scheduler.prune(newly)
+            out["data/pruned_questions"] = len(self.pruned_questions)
+            out["data/active_questions"] = self.scheduler.active
+        out["data/epoch"] = self.scheduler.state.epoch
+        if self.use_replay:
+            failed = [g for g in groups if g.all_failed]
+            stored = await self.replay.get_many([g.question_id for g in failed])
+            plan = inject_replays(failed, stored, np.random.default_rng([self.cfg.pipeline.seed, step, 7]))
+            injected = sum(i is not None for i in plan)
+            self.replay_injections += injected
+            await self.replay.count_injected(injected)
+            for g in groups:
+                fresh = [m for m in g.members if self.replay.eligible(m)]
+                if fresh:
+                    await self.replay.put(fresh[-1])
+            stats = await self.replay.stats()
+            out.update({
+                "replay/injected": injected, "replay/all_fail_groups": len(failed), "replay/stored": stats.stored,
+                "replay/hit_rate": stats.hit_rate, "replay/injected_total": self.replay_injections,
+            })
+        for g in groups:
+            await self.stream.publish(g)
+        return out
+
+    async def _train_on_stream(self, count: int, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        entries = await self._read_groups(count)
+        groups = [g for _, g in entries]
+        samples, scale, n_good = batch_samples(
+            groups, std=cfg.learner.adv_std, eps=cfg.learner.adv_eps, scale=self.use_scaling, version=self.version,
+            replay_on_policy=cfg.learner.replay_on_policy,
+        )
+        plans = plan_step(samples, cfg.learner.num_ranks, cfg.learner.mini_batches, seed=cfg.pipeline.seed * 100003 + step)
+        sums = self._reduce(await self.learner.train_step(plans))
+        await self.stream.ack([eid for eid, _ in entries])
+        out = {f"learner/{k}": v for k, v in sums.items()}
+        out.update({
+            "advantage/scale": scale, "advantage/good_groups": n_good, "advantage/groups": len(groups),
+            "train/replayed_samples": sum(s.replayed for s in samples),
+        })
+        stale = [s.staleness for s in samples if not s.replayed]
+        out["staleness/mean"] = float(np.mean(stale)) if stale else 0.0
+        out["staleness/max"] = float(max(stale)) if stale else 0.0
+        return out
+
+    async def _publish_weights(self) -> None:
+        ref = await self.learner.publish(self.ctx.weights_dir, self.version, self.rollout_dtype)
+        await asyncio.gather(*(w.load_weights.remote(ref) for w in self.workers))
+
     async def _read_groups(self, count: int) -> list[tuple[str, ScoredGroup]]:
-        entries: list[tuple[str, ScoredGroup]] = []
+        # Entries left unacknowledged by an interrupted step come first: nothing is lost or trained twice.
+        entries = (await self.stream.pending(count))[:count]
         deadline = time.monotonic() + 60
         while len(entries) < count:
             if time.monotonic() > deadline:
@@ -250,7 +334,11 @@ class Controller:
         return out
 
     async def _evaluate(self, step: int) -> dict[str, float]:
-        requests = [EpisodeRequest(q, 0, temperature=0.0, top_p=1.0, seed=None) for q in self.data.heldout]
+        p = self.cfg.pipeline
+        requests = [
+            EpisodeRequest(q, 0, temperature=p.eval_temperature, top_p=1.0, seed=episode_seed(p.seed, -1, q.id, 0))
+            for q in self.data.heldout
+        ]
         t0 = time.perf_counter()
         trajs = await self._rollout(requests, f"eval{step}")
         for t in trajs:
@@ -265,6 +353,38 @@ class Controller:
                                      "tool_calls": t.num_tool_calls, "response_tokens": t.generated_tokens,
                                      "finish_reason": t.finish_reason}) + "\n")
         return metrics
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    async def _checkpoint(self, step: int) -> None:
+        """Learner state (all ranks, a collective) first, then the controller's; `latest` moves last."""
+        self.phase = f"checkpointing (step {step})"
+        root = self.output_dir / "checkpoints"
+        tag = f"step-{step:06d}"
+        await self.learner.save_checkpoint(str(root), tag)
+        state = {
+            "tag": tag, "step": step, "version": self.version, "episodes": self.episodes,
+            "scheduler": asdict(self.scheduler.state), "history": self.history, "evals": self.evals,
+            "replay_injections": self.replay_injections, "mlflow_run_id": self.mlflow_run_id,
+            "elapsed_s": self.elapsed_before + time.time() - self.started,
+        }
+        (root / tag / "controller.json").write_text(json.dumps(state))
+        tmp = root / "rapo_latest.tmp"
+        tmp.write_text(tag)
+        tmp.replace(root / "rapo_latest")
+        tags = sorted(p.name for p in root.glob("step-*") if (p / "controller.json").exists())
+        for old in tags[: -self.cfg.learner.checkpoint_keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+    def _load_controller_state(self) -> dict:
+        root = Path(self.ctx.resume_from)
+        tag = (root / "rapo_latest").read_text().strip()
+        state = json.loads((root / tag / "controller.json").read_text())
+        self.step, self.version, self.episodes = state["step"], state["version"], state["episodes"]
+        self.history, self.evals = state["history"], state["evals"]
+        self.replay_injections = state["replay_injections"]
+        self.mlflow_run_id = state["mlflow_run_id"]
+        self.elapsed_before = state["elapsed_s"]
+        return state
 
     # ---- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -281,16 +401,19 @@ class Controller:
             "step_time_s": last.get("time/step_s"),
         }
 
-    def _summary(self, status: str) -> dict[str, Any]:
+    async def _summary(self, status: str) -> dict[str, Any]:
         first = self.evals[0] if self.evals else {}
         final = self.evals[-1] if len(self.evals) > 1 else {}
-        all_steps = self.history
+        steps = self.history
+        mean = lambda key: float(np.mean([h[key] for h in steps])) if steps else None  # noqa: E731
+        replay = await self.replay.stats() if self.use_replay and self.redis is not None else None
         return {
             "status": status,
             "run_id": self.ctx.run_id,
-            "mlflow_run_id": getattr(self, "mlflow_run_id", None),
+            "mlflow_run_id": self.mlflow_run_id,
             "mode": self.cfg.pipeline.mode,
-            "steps": len(all_steps),
+            "algorithm": self.cfg.learner.algorithm,
+            "steps": len(steps),
             "episodes": self.episodes,
             "engine": self.engine_kind,
             "learner": "deepspeed",
@@ -301,12 +424,15 @@ class Controller:
             "accuracy_initial": first.get("eval/accuracy"),
             "accuracy_final": final.get("eval/accuracy"),
             "eval_questions": len(self.data.heldout) if hasattr(self, "data") else 0,
-            "reward_first_step": all_steps[0]["reward/mean"] if all_steps else None,
-            "reward_last_step": all_steps[-1]["reward/mean"] if all_steps else None,
-            "tool_calls_per_episode": float(np.mean([h["train/tool_calls_per_episode"] for h in all_steps])) if all_steps else None,
-            "response_tokens_per_episode": float(np.mean([h["train/response_tokens"] for h in all_steps])) if all_steps else None,
-            "mean_step_time_s": float(np.mean([h["time/step_s"] for h in all_steps])) if all_steps else None,
-            "wall_time_s": time.time() - self.started,
+            "reward_first_step": steps[0]["reward/mean"] if steps else None,
+            "reward_last_step": steps[-1]["reward/mean"] if steps else None,
+            "tool_calls_per_episode": mean("train/tool_calls_per_episode"),
+            "response_tokens_per_episode": mean("train/response_tokens"),
+            "mean_step_time_s": mean("time/step_s"),
+            "replay_injections": self.replay_injections,
+            "replay_stored": replay.stored if replay else 0,
+            "pruned_questions": len(self.pruned_questions),
+            "wall_time_s": self.elapsed_before + time.time() - self.started,
             "model_dir": self.ctx.model_dir,
             "model_source": self.ctx.model_meta.get("source", "path"),
             "errors": self.errors,
@@ -335,7 +461,8 @@ class Controller:
             await self.learner.close()
         for w in self.workers:
             ray.kill(w)
-        await self.redis.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def controller_actor(node_id: str):
@@ -346,4 +473,3 @@ def controller_actor(node_id: str):
         name="controller", num_cpus=0, max_concurrency=64,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     )
-

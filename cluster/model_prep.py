@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.config import RunConfig
+from rollout.chat_format import SYSTEM_PROMPT
 from learner.policy_init import MARKER, build_tiny_model, convert_smollm2, is_model_dir
 
 Log = Callable[[str], None]
@@ -56,11 +57,16 @@ def warm_start_key(cfg: RunConfig) -> dict:
         "tools": cfg.tools.model_dump(mode="json"),
         "base": cfg.model.source,
         "tiny": cfg.model.tiny.model_dump() if cfg.model.source == "tiny" else None,
+        # Demonstrations embed the prompt: a new prompt needs a new warm start.
+        "prompt": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12],
         "version": 1,
     }
 
 
 def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     m = cfg.model
     if m.source == "path":
         path = Path(m.path).expanduser()
@@ -115,7 +121,7 @@ def build_warm_start(cfg: RunConfig, base: Path, out: Path, key: dict, log: Log 
         model, samples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=ws.seed,
         pad_id=tokenizer.pad_token_id, on_step=lambda s, loss: log(f"warm start step {s}/{ws.steps}: loss {loss:.3f}"),
     )
-    meta = {"source": "smollm2-warm-start", "base": str(base), "key": key, "losses": result.losses, "seconds": result.seconds}
+    meta = {"source": f"{cfg.model.source}-warm-start", "base": str(base), "key": key, "losses": result.losses, "seconds": result.seconds}
     save_model_dir(model, tokenizer, out, meta)
     log(f"warm start done in {result.seconds:.0f} s -> {out}")
 

@@ -97,3 +97,11 @@ def start_redis(
             time.sleep(0.05)
     server.stop()
     raise RedisStartError(f"redis-server did not answer on {host}:{port} within {timeout:.0f} s")
+
+
+def async_client(url: str, password: str | None, max_connections: int = 32):
+    """An asyncio client whose pool waits for a free connection instead of failing past its size."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(url, password=password, max_connections=max_connections, timeout=60)
+    return aioredis.Redis(connection_pool=pool)

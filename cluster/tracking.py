@@ -49,7 +49,12 @@ class Tracker:
         self.experiment_id = experiment_id
         self.run_id: str | None = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> str:
+        """A new MLflow run, or the one a resumed run continues (its metrics carry on by step)."""
+        if resume_run_id:
+            run = self.mlflow.start_run(run_id=resume_run_id)
+            self.run_id = run.info.run_id
+            return self.run_id
         run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags or {})
         self.run_id = run.info.run_id
         self.mlflow.log_params(safe_params(params))

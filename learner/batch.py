@@ -16,7 +16,8 @@ import numpy as np
 class TrainSample:
     token_ids: list[int]
     loss_mask: list[int]
-    behaviour_logprobs: list[float]
+    # None: no usable behaviour policy (a replayed sample treated as on-policy).
+    behaviour_logprobs: list[float] | None
     advantage: float
     question_id: str = ""
     replayed: bool = False
@@ -77,6 +78,7 @@ class Collated:
     targets: "object"
     target_mask: "object"  # bool [B, T-1]
     behaviour_logprobs: "object"  # float [B, T-1]
+    has_behaviour: "object"  # bool [B, 1]
     advantages: "object"  # float [B, 1]
 
 
@@ -94,6 +96,8 @@ def collate(samples: list[TrainSample], pad_id: int):
         ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
         attn[i, :n] = 1
         mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.bool)
-        blp[i, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+        if s.behaviour_logprobs is not None:
+            blp[i, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+    has = torch.tensor([[s.behaviour_logprobs is not None] for s in samples], dtype=torch.bool)
     adv = torch.tensor([[s.advantage] for s in samples], dtype=torch.float32)
-    return Collated(ids, attn, ids[:, 1:], mask[:, 1:], blp[:, 1:], adv)
+    return Collated(ids, attn, ids[:, 1:], mask[:, 1:], blp[:, 1:], has, adv)

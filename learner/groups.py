@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 
-from learner.advantages import batch_advantages
+from learner.advantages import batch_advantages, plan_replay_injections
 from learner.batch import TrainSample
 from rollout.types import Trajectory
 
@@ -40,9 +41,32 @@ def group_by_question(trajectories: list[Trajectory], n: int) -> list[ScoredGrou
     return out
 
 
-def batch_samples(groups: list[ScoredGroup], *, std: str, eps: float, scale: bool, version: int) -> tuple[list[TrainSample], float, int]:
+def inject_replays(groups: list[ScoredGroup], stored: list[Trajectory | None], rng: np.random.Generator) -> list[int | None]:
+    """RAPO replay: in each all-fail group whose question has a stored success, replace one random member.
+
+    The copy keeps the stored tokens, masks, logprobs and reward, and is marked ``replayed``.
+    Returns, per group, the replaced member's index (None where nothing was injected).
+    """
+    correct = np.array([[bool(m.correct) for m in g.members] for g in groups], dtype=bool)
+    plan = plan_replay_injections(correct, [s is not None for s in stored], rng)
+    for g, s, idx in zip(groups, stored, plan):
+        if idx is None:
+            continue
+        replay = copy.deepcopy(s)
+        replay.replayed = True
+        replay.sample_index = g.members[idx].sample_index
+        g.members[idx] = replay
+    return plan
+
+
+def batch_samples(
+    groups: list[ScoredGroup], *, std: str, eps: float, scale: bool, version: int, replay_on_policy: bool = True
+) -> tuple[list[TrainSample], float, int]:
     """Group-normalised advantages (optionally scaled by G/G_good) broadcast to each member's tokens.
 
+    With ``replay_on_policy`` a replayed member carries no behaviour logprobs, so it is treated
+    as on-policy (importance weight 1) as in the paper's synchronous pipeline; otherwise its
+    stored logprobs correct for its age like any stale sample.
     Returns the samples, the scale factor applied and the number of groups with reward spread.
     """
     stats = batch_advantages(np.stack([g.rewards for g in groups]), std=std, eps=eps, scale=scale)
@@ -51,8 +75,8 @@ def batch_samples(groups: list[ScoredGroup], *, std: str, eps: float, scale: boo
         for m, a in zip(g.members, row):
             samples.append(
                 TrainSample(
-                    m.token_ids, m.loss_mask, m.behaviour_logprobs, float(a), m.question_id, m.replayed,
-                    staleness=version - m.policy_version_start,
+                    m.token_ids, m.loss_mask, None if (m.replayed and replay_on_policy) else m.behaviour_logprobs,
+                    float(a), m.question_id, m.replayed, staleness=version - m.policy_version_start,
                 )
             )
     return samples, stats.scale_factor, stats.n_good

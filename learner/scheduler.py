@@ -12,6 +12,14 @@ import numpy as np
 
 
 @dataclass
+class Draw:
+    ids: list[str] = field(default_factory=list)
+    epochs: dict[str, int] = field(default_factory=dict)
+    # Epochs whose last question is in this draw: once its rollouts are scored, they can be pruned.
+    ended: list[int] = field(default_factory=list)
+
+
+@dataclass
 class SchedulerState:
     epoch: int = 0
     position: int = 0
@@ -38,28 +46,28 @@ class PromptScheduler:
     def active(self) -> int:
         return len(self.ids) - len(set(self.state.pruned))
 
-    def next_batch(self, k: int) -> tuple[list[str], bool]:
-        """k question ids and whether an epoch ended while drawing them.
+    def next_batch(self, k: int) -> Draw:
+        """k question ids, the epoch each was drawn in, and the epochs this draw finished.
 
         A batch never holds a question twice; when the epoch runs out mid-batch the next
         epoch's order fills it (skipping ids already drawn).
         """
         if self.active < k:
             raise ValueError(f"only {self.active} active questions left, fewer than the {k} a step needs")
-        batch: list[str] = []
-        epoch_ended = False
-        while len(batch) < k:
+        draw = Draw()
+        while len(draw.ids) < k:
             order = self._order(self.state.epoch)
-            while self.state.position < len(order) and len(batch) < k:
+            while self.state.position < len(order) and len(draw.ids) < k:
                 q = order[self.state.position]
                 self.state.position += 1
-                if q not in batch:
-                    batch.append(q)
-            if len(batch) < k or self.state.position >= len(order):
+                if q not in draw.epochs:
+                    draw.ids.append(q)
+                    draw.epochs[q] = self.state.epoch
+            if self.state.position >= len(order):
+                draw.ended.append(self.state.epoch)
                 self.state.epoch += 1
                 self.state.position = 0
-                epoch_ended = True
-        return batch, epoch_ended
+        return draw
 
     def prune(self, question_ids: set[str]) -> None:
         self.state.pruned = sorted(set(self.state.pruned) | set(question_ids))

@@ -81,6 +81,9 @@ class Trainer:
         self.dist = dist
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        if not self.gpu:
+            # Ray pins OMP_NUM_THREADS to the actor's num_cpus (often 1); on CPU that halves the step.
+            torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // dist.world_size))
         init_distributed(dist, self.gpu)
         torch.manual_seed(1234 + dist.rank)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -153,7 +156,8 @@ class Trainer:
                 mask = batch.target_mask.to(self.device)
                 logp, entropy = self._forward(self.engine, batch)
                 prox = old[(m, k)] if old is not None else logp.detach()
-                behaviour = batch.behaviour_logprobs.to(self.device)
+                # Samples without a behaviour policy count as on-policy: their weight is exactly 1.
+                behaviour = torch.where(batch.has_behaviour.to(self.device), batch.behaviour_logprobs.to(self.device), prox)
                 is_w = importance_weights(prox, behaviour, cfg.behaviour_is_cap) if cfg.behaviour_is_cap else None
                 terms = ppo_token_loss(logp, prox, batch.advantages.to(self.device), cfg.clip_low, cfg.clip_high, is_w)
                 per_token = terms.loss

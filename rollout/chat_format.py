@@ -20,7 +20,7 @@ THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 TOOL_SCHEMAS: list[dict[str, Any]] = [
     {
         "name": "search_urls",
-        "description": "Search the web. Returns ranked results: title, url, snippet.",
+        "description": "web search; ranked title, url, snippet",
         "parameters": {
             "type": "object",
             "properties": {"query": {"type": "string"}, "top_k": {"type": "integer"}},
@@ -29,7 +29,7 @@ TOOL_SCHEMAS: list[dict[str, Any]] = [
     },
     {
         "name": "query_url",
-        "description": "Read the page at url and return the passages relevant to goal.",
+        "description": "read a page; the passages relevant to goal",
         "parameters": {
             "type": "object",
             "properties": {"url": {"type": "string"}, "goal": {"type": "string"}},
@@ -39,12 +39,11 @@ TOOL_SCHEMAS: list[dict[str, Any]] = [
 ]
 
 SYSTEM_PROMPT = (
-    "You are a research agent. Answer the question by searching the web; the answer is only "
-    "found on web pages.\nTools:\n"
-    + "\n".join(json.dumps(s, separators=(", ", ": ")) for s in TOOL_SCHEMAS)
-    + "\nThink inside <think></think>. Call a tool with "
-    '<tool_call>{"name": ..., "arguments": {...}}</tool_call>. Results come back inside '
-    "<tool_response></tool_response>. When you know the answer, write \\boxed{answer} and stop."
+    "You are a research agent: answer by searching the web.\nTools:\n"
+    + "\n".join(json.dumps(s, separators=(",", ":")) for s in TOOL_SCHEMAS)
+    + "\nThink in <think></think>. Call a tool with "
+    '<tool_call>{"name": ..., "arguments": {...}}</tool_call>; results come in '
+    "<tool_response></tool_response>. Give the final answer as \\boxed{answer}."
 )
 
 

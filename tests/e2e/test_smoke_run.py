@@ -1,0 +1,75 @@
+"""`rapo run deploy/configs/smoke.yaml` end to end: every real component, a few steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _mlflow_run(output_dir, run_id):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    return client, client.get_run(run_id)
+
+
+def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
+    out = tmp_path / "run"
+    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(out))
+    code = p.wait(timeout=900)
+    assert code == 0, p.output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = 3
+    assert summary["status"] == "completed"
+    assert summary["steps"] == steps
+    assert summary["engine"] == "vllm" and summary["learner"] == "deepspeed"
+    assert summary["weight_versions_published"] == steps  # one per step
+    assert summary["episodes"] == steps * 2 * 4  # questions_per_step x samples_per_question
+    assert summary["accuracy_initial"] is not None and summary["accuracy_final"] is not None
+    for key in ("zero_stage", "tool_calls_per_episode", "wall_time_s", "mode"):
+        assert key in summary
+
+    client, run = _mlflow_run(out, summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learner.zero_stage"] == str(summary["zero_stage"])
+    for metric in ("reward/mean", "train/accuracy", "train/tool_calls_per_episode", "train/response_tokens",
+                   "learner/loss", "learner/grad_norm", "learner/entropy",
+                   "time/generate_s", "time/reward_s", "time/train_s", "time/weight_sync_s"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == list(range(1, steps + 1)), metric
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, steps]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "reward_curve.png", "history.json"} <= artifacts
+
+    # Everything the run started (Ray, Redis, vLLM, learners) is gone with it.
+    assert p.group_gone(timeout=30)
+    redis_pid = int(re.search(r"redis: \S+ \(pid (\d+)", p.output).group(1))
+    assert not _alive(redis_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_misspelt_config_key_fails_before_anything_starts(rapo, tmp_path):
+    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(tmp_path / "run"), "learner.zero_stag=3")
+    assert p.wait(timeout=60) == 2
+    assert "learner.zero_stag" in p.output and "unknown key" in p.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_ray_and_redis(rapo, tmp_path):
+    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(tmp_path / "run"), "pipeline.steps=50")
+    p.wait_for_line("mlflow run id", timeout=300)
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    assert p.group_gone(timeout=60), "processes of the interrupted run are still alive"

@@ -1,0 +1,1 @@
+"""Real HTTP servers that stand in for external services in tests and benchmarks."""
