@@ -57,7 +57,11 @@ def _port_free(port: int) -> bool:
 
 
 def needed_cpus(cfg: RunConfig) -> int:
-    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+    need = (
+        cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+        + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+        + cfg.rewards.num_actors * cfg.rewards.num_cpus_per_actor
+    )
     return max(int(need + 0.999), os.cpu_count() or 1)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rewards.judge_client import JudgeSettings
+
 
 class ConfigError(ValueError):
     pass
@@ -111,10 +113,51 @@ class ToolsConfig(Section):
     passages_per_query: int = Field(2, ge=1)
 
 
+class Stage2Config(Section):
+    """Constants of the steerable step-level reward (DESIGN.md §5; paper Eq. 8)."""
+
+    c_search: float = Field(0.2, ge=0)
+    c_query: float = Field(0.2, ge=0)
+    cap_search: int = Field(8, ge=1, description="C_S: unique searches that earn the full search credit")
+    cap_query: int = Field(16, ge=1, description="C_Q: unique queries that earn the full query credit")
+    budget_verification: int = Field(1, ge=0, description="B_v: verifications allowed per claim")
+    clamp_delta: bool = Field(False, description="floor the Δ terms of an incorrect rollout at 0")
+
+
 class RewardsConfig(Section):
-    stage: Literal[1] = 1
+    stage: Literal[1, 2] = 1
     format_weight: float = Field(0.1, ge=0, le=1)
-    judge: Literal["rule"] = "rule"
+    judge: JudgeSettings | None = Field(
+        None, description="an OpenAI-compatible judge (base_url, model, ...); unset uses the rule-based judge"
+    )
+    labeller: Literal["auto", "rule", "llm"] = Field(
+        "auto", description="stage-2 step labels: auto = the LLM judge when one is configured, else the rules"
+    )
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    num_actors: int = Field(2, ge=1, description="reward-labeller actors (judge-N)")
+    num_cpus_per_actor: float = Field(0.1, ge=0, description="they mostly wait on HTTP")
+    max_in_flight_per_actor: int = Field(32, ge=1, description="trajectories one actor judges concurrently")
+    chunk_size: int = Field(4, ge=1, description="trajectories per call to an actor")
+    cache: bool = Field(True, description="cache LLM judgements in Redis by a hash of the judged content")
+
+    @model_validator(mode="after")
+    def _llm_labels_need_a_judge(self) -> "RewardsConfig":
+        if self.labeller == "llm" and self.judge is None:
+            raise ValueError("rewards.labeller is 'llm' but rewards.judge is not set (give rewards.judge.base_url)")
+        return self
+
+    def uses_llm_labels(self) -> bool:
+        return self.stage == 2 and self.judge is not None and self.labeller in ("auto", "llm")
+
+    def spec(self):
+        from rewards.scoring import RewardSpec
+
+        s2 = self.stage2
+        return RewardSpec(
+            stage=self.stage, format_weight=self.format_weight, c_search=s2.c_search, c_query=s2.c_query,
+            cap_search=s2.cap_search, cap_query=s2.cap_query, budget_verification=s2.budget_verification,
+            clamp_delta=s2.clamp_delta,
+        )
 
 
 class LearnerConfig(Section):

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.learner_group import LearnerGroup
+from actors.reward_pool import RewardPool
 from actors.rollout_worker import EpisodeRequest, RolloutWorker
 from cluster.config import RunConfig, flatten
 from cluster.data import RunData, load_run_data
@@ -31,7 +32,6 @@ from learner.groups import ScoredGroup, batch_samples, group_by_question, inject
 from learner.pruning import PruningState
 from learner.replay_buffer import ReplayBuffer
 from learner.scheduler import PromptScheduler, SchedulerState
-from rewards.scoring import score_stage1
 from rollout.agent_loop import EpisodeLimits
 from rollout.engine import EngineSpec, resolve_engine_kind
 from rollout.types import Question, Trajectory
@@ -128,11 +128,14 @@ class Controller:
         self.phase = "starting actors"
         documents = ray.put(self.data.documents)
         self.workers = [self._make_worker(i, documents) for i in range(cfg.rollout.num_workers)]
+        self.rewards = RewardPool.create(
+            cfg.rewards, redis_url=self.ctx.redis_url, redis_password=self.ctx.redis_password, namespace=ns
+        )
         lc = cfg.learner
         self.learner = LearnerGroup(lc, run_id=self.ctx.run_id, num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank)
         learner_setup = self.learner.setup(self.ctx.model_dir, cfg.micro_batches_per_rank, cfg.rollout.temperature)
-        results = await asyncio.gather(learner_setup, *(w.info.remote() for w in self.workers))
-        self.learner_info, self.worker_info = results[0], list(results[1:])
+        results = await asyncio.gather(learner_setup, self.rewards.ready(), *(w.info.remote() for w in self.workers))
+        self.learner_info, self.worker_info = results[0], list(results[2:])
         if resumed:
             self.phase = "restoring checkpoint"
             await self.learner.load_checkpoint(str(self.output_dir / "checkpoints"), resumed["tag"])
@@ -213,8 +216,7 @@ class Controller:
 
         self.phase = f"step {step}: scoring"
         t0 = time.perf_counter()
-        for t in trajs:
-            score_stage1(t, self.questions[t.question_id], cfg.rewards.format_weight)
+        judged = await self.rewards.score(trajs, self.questions)
         groups = group_by_question(trajs, p.samples_per_question)
         assembly = await self._assemble(groups, draw, step)
         t_reward = time.perf_counter() - t0
@@ -238,6 +240,7 @@ class Controller:
         metrics["reward/std"] = float(rewards.std())
         metrics.update(assembly)
         metrics.update(train)
+        metrics.update(judged.metrics())
         metrics.update({
             "time/generate_s": t_gen, "time/reward_s": t_reward, "time/train_s": t_train, "time/weight_sync_s": t_sync,
             "time/step_s": time.perf_counter() - t_step,
@@ -341,8 +344,7 @@ class Controller:
         ]
         t0 = time.perf_counter()
         trajs = await self._rollout(requests, f"eval{step}")
-        for t in trajs:
-            score_stage1(t, self.questions[t.question_id], self.cfg.rewards.format_weight)
+        await self.rewards.score(trajs, self.questions)
         metrics = {"step": step, **trajectory_metrics(trajs, "eval"), "time/eval_s": time.perf_counter() - t0}
         self.evals.append(metrics)
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
@@ -407,6 +409,7 @@ class Controller:
         steps = self.history
         mean = lambda key: float(np.mean([h[key] for h in steps])) if steps else None  # noqa: E731
         replay = await self.replay.stats() if self.use_replay and self.redis is not None else None
+        judge = await self.rewards.stats() if getattr(self, "rewards", None) is not None else {}
         return {
             "status": status,
             "run_id": self.ctx.run_id,
@@ -432,6 +435,10 @@ class Controller:
             "replay_injections": self.replay_injections,
             "replay_stored": replay.stored if replay else 0,
             "pruned_questions": len(self.pruned_questions),
+            "reward_stage": self.cfg.rewards.stage,
+            "judge": "llm" if self.cfg.rewards.judge else "rule",
+            "judge_requests": judge.get("requests", 0),
+            "judge_fallbacks": judge.get("fallbacks", 0),
             "wall_time_s": self.elapsed_before + time.time() - self.started,
             "model_dir": self.ctx.model_dir,
             "model_source": self.ctx.model_meta.get("source", "path"),
@@ -459,6 +466,8 @@ class Controller:
             await asyncio.wait([asyncio.ensure_future(t) for t in tasks], timeout=30)
         if self.learner is not None:
             await self.learner.close()
+        if getattr(self, "rewards", None) is not None:
+            await self.rewards.close()
         for w in self.workers:
             ray.kill(w)
         if self.redis is not None:

@@ -11,51 +11,46 @@ The prompts embed the case as a fenced JSON block, so that a test server (and an
 reader) can parse the case back exactly; the instructions around it are prose for the model.
 """
 
+
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import openai
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from rewards.answer import rule_judge
-from rewards.formulas import (
-    EXPLORATION,
-    LABELS,
-    QUERY_LABELS,
-    REDUNDANTQUERY,
-    REDUNDANTSEARCH,
-    SEARCH_LABELS,
-    UNIQUESEARCH,
-    VERIFICATION,
+from rewards.judge_prompts import (
+    ANSWER_TASK,
+    LABELS_TASK,
+    Message,
+    ReplyError,
+    Verdict,
+    answer_prompt,
+    as_golds,
+    clip_text,
+    labels_prompt,
+    parse_answer_reply,
+    parse_labels_reply,
 )
-from rewards.labeller import QUERY_TOOL, SEARCH_TOOL, rule_labels
+from rewards.labeller import rule_labels
+from rewards.retry import RateLimiter, estimate_tokens, parse_retry_after, retry_delay
 from rollout.types import ToolCall
 
+
 log = logging.getLogger(__name__)
-
-ANSWER_TASK = "judge_answer"
-LABELS_TASK = "label_tool_calls"
-VERDICTS = ("correct", "incorrect", "unknown")
-
-Message = dict[str, str]
-Verdict = Literal["correct", "incorrect", "unknown"]
-
-
 class JudgeConfigError(ValueError):
     """The judge cannot be set up as configured; the message says what to change."""
 
@@ -74,7 +69,8 @@ class JudgeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_url: str
-    model: str = Field(min_length=1)
+    # "judge" is the name `rapo serve-judge` serves its model under.
+    model: str = Field("judge", min_length=1)
     api_key_env: str = "RAPO_JUDGE_API_KEY"
     # When set, the key is read from this file (first line) and the environment is not consulted.
     api_key_file: Path | None = None
@@ -126,356 +122,6 @@ def load_api_key(settings: JudgeSettings) -> SecretStr | None:
             "or set require_api_key=false for a judge server without authentication"
         )
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-
-ANSWER_SYSTEM = """You grade the answers of a question-answering agent. You are given a question, its ground-truth answer (one or more accepted forms) and the agent's answer, and you decide whether the agent's answer says the same thing as the ground truth.
-
-Rules:
-- Differences of case, accents, punctuation, articles, spacing and minor formatting do not matter.
-- An alias, abbreviation or alternative spelling of the same entity, or the same quantity written differently, matches.
-- For a multiple-choice question, compare the option letters.
-- An answer that names a different entity or value, lists several candidates, or adds a claim that contradicts the ground truth is incorrect.
-- If the agent's answer is empty, a refusal, or cannot be compared, the verdict is unknown.
-
-Reply with one JSON object and nothing else: {"verdict": "correct"}, {"verdict": "incorrect"} or {"verdict": "unknown"}."""
-
-LABELS_SYSTEM = f"""You audit the tool calls of a web-research agent. The agent has two tools: {SEARCH_TOOL}(query) returns a ranked list of URLs, and {QUERY_TOOL}(url, goal) reads one page looking for the goal. Give every tool call exactly one label, judging it against the calls before it:
-
-For {SEARCH_TOOL} calls:
-- {UNIQUESEARCH}: the query looks for entities or facts that no earlier search looked for.
-- {REDUNDANTSEARCH}: the query is essentially an earlier query again (a rewording, the same entities and intent), or its results largely repeat the URLs an earlier search returned. A failed search (status other than "ok") is also {REDUNDANTSEARCH}.
-
-For {QUERY_TOOL} calls:
-- {EXPLORATION}: the first read of a URL for a goal no earlier call looked for, or a re-read of an already-read URL for a goal not asked of that URL before.
-- {VERIFICATION}: a read of a URL not read before whose goal checks a claim or fact that an earlier {QUERY_TOOL} call already looked for on another URL (a cross-source check). Each claim allows at most B_v verifications (B_v is given with the calls); further checks of the same claim are {REDUNDANTQUERY}.
-- {REDUNDANTQUERY}: a re-read of a URL for a goal already asked of that URL, a cross-source check of a claim whose B_v verifications are used up, or a failed call (status other than "ok").
-
-Any call to a tool other than {SEARCH_TOOL} and {QUERY_TOOL} is {REDUNDANTSEARCH}. A {SEARCH_TOOL} call only ever gets a search label and a {QUERY_TOOL} call only ever gets a query label.
-
-Reply with one JSON object and nothing else: {{"labels": [...]}}, with one label per tool call, in the order of the calls."""
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _json_block(case: Mapping[str, Any]) -> str:
-    """The case as fenced JSON: one key per line, and one line per item of a list of objects.
-
-    Compact enough to be cheap in tokens, regular enough for a model to read call by call.
-    Backticks are escaped (valid JSON) so that no answer or page text can close the fence early.
-    """
-    lines = []
-    for key, value in case.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            items = ",\n".join(f"  {_compact(v)}" for v in value)
-            lines.append(f" {_compact(key)}: [\n{items}\n ]")
-        else:
-            lines.append(f" {_compact(key)}: {_compact(value)}")
-    body = "{\n" + ",\n".join(lines) + "\n}"
-    return "```json\n" + body.replace("`", "\\u0060") + "\n```"
-
-
-_FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)```", re.DOTALL)
-
-
-def embedded_case(messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The JSON case embedded in the last user message of a judge prompt (what a server reads back)."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            blocks = _FENCE_RE.findall(str(message.get("content", "")))
-            if not blocks:
-                break
-            case = json.loads(blocks[-1])
-            if not isinstance(case, dict) or "task" not in case:
-                raise ValueError("the judge prompt's JSON block has no 'task'")
-            return case
-    raise ValueError("no user message with a fenced JSON case in the judge prompt")
-
-
-def _as_golds(gold: str | Sequence[str]) -> tuple[str, ...]:
-    golds = (gold,) if isinstance(gold, str) else tuple(gold)
-    if not golds or not all(isinstance(g, str) for g in golds):
-        raise ValueError(f"gold must be a str or a non-empty sequence of str, got {gold!r}")
-    return golds
-
-
-def answer_prompt(question: str, gold: str | Sequence[str], answer: str | None) -> list[Message]:
-    """Chat messages asking for {"verdict": "correct" | "incorrect" | "unknown"}."""
-    case = {"task": ANSWER_TASK, "question": question, "ground_truth": list(_as_golds(gold)), "model_answer": answer or ""}
-    user = (
-        "Grade the agent's answer in this case (any ground-truth form counts):\n"
-        f"{_json_block(case)}\n"
-        'Reply with one JSON object: {"verdict": "correct" | "incorrect" | "unknown"}.'
-    )
-    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
-
-
-def _clip_arguments(arguments: Any, limit: int = 2000) -> Any:
-    # A malformed call can carry anything; long strings would only cost tokens.
-    if isinstance(arguments, dict):
-        return {str(k): _clip(v, limit) if isinstance(v, str) else v for k, v in arguments.items()}
-    return arguments
-
-
-def call_record(index: int, call: ToolCall, result_chars: int) -> dict[str, Any]:
-    """What the labeller is shown of one tool call."""
-    record: dict[str, Any] = {"index": index, "name": call.name, "arguments": _clip_arguments(call.arguments), "status": call.status}
-    if call.name == SEARCH_TOOL and call.ok:
-        record["returned_urls"] = list(call.urls)
-    record["result"] = _clip(call.result or call.error, result_chars)
-    return record
-
-
-def labels_prompt(
-    question: str, tool_calls: Sequence[ToolCall], *, budget_verification: int = 1, result_chars: int = 300
-) -> list[Message]:
-    """Chat messages asking for {"labels": [one label per tool call]} for the whole trajectory."""
-    case = {
-        "task": LABELS_TASK,
-        "question": question,
-        "budget_verification": budget_verification,
-        "number_of_calls": len(tool_calls),
-        "tool_calls": [call_record(i, c, result_chars) for i, c in enumerate(tool_calls, 1)],
-    }
-    user = (
-        f"Label each of the {len(tool_calls)} tool calls of this trajectory (B_v = {budget_verification}):\n"
-        f"{_json_block(case)}\n"
-        f'Reply with one JSON object: {{"labels": [...]}} holding exactly {len(tool_calls)} labels from '
-        f"{', '.join(LABELS)}, in call order."
-    )
-    return [{"role": "system", "content": LABELS_SYSTEM}, {"role": "user", "content": user}]
-
-
-# --------------------------------------------------------------------------------------------
-# Reply parsing
-
-
-class ReplyError(ValueError):
-    """A reply that does not validate; `reason` is the JudgeStats failure key."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
-class AnswerReply(BaseModel):
-    verdict: Verdict
-
-    @field_validator("verdict", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-
-class LabelsReply(BaseModel):
-    labels: list[Literal[UNIQUESEARCH, REDUNDANTSEARCH, EXPLORATION, VERIFICATION, REDUNDANTQUERY]]  # type: ignore[valid-type]
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return [v.strip().upper() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
-
-
-_BARE_VERDICT_RE = re.compile(r"^[\s\"'`*.:]*(correct|incorrect|unknown)[\s\"'`*.!]*$", re.IGNORECASE)
-
-
-def extract_json(text: str) -> Any:
-    """The JSON value in a reply: the whole text, a ```json fenced block, or the outermost {...}."""
-    stripped = text.strip()
-    candidates = [stripped, *(_FENCE_RE.findall(stripped))]
-    start, end = stripped.find("{"), stripped.rfind("}")
-    if 0 <= start < end:
-        candidates.append(stripped[start : end + 1])
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError:
-            continue
-    raise ReplyError("invalid_reply", f"no JSON in the reply {_clip(stripped, 200)!r}")
-
-
-def parse_answer_reply(text: str) -> AnswerReply:
-    """{"verdict": ...}, fenced or bare JSON, or a lone verdict word; anything else is invalid."""
-    bare = _BARE_VERDICT_RE.match(text)
-    if bare:
-        return AnswerReply(verdict=bare.group(1).lower())  # type: ignore[arg-type]
-    value = extract_json(text)
-    try:
-        return AnswerReply.model_validate({"verdict": value} if isinstance(value, str) else value)
-    except ValidationError:
-        raise ReplyError("invalid_reply", f"the reply {_clip(text.strip(), 200)!r} is not a verdict in {VERDICTS}") from None
-
-
-def _forced_label(call: ToolCall) -> str | None:
-    """The label a call gets whatever the judge says: failed and unknown-tool calls (as the rule labeller)."""
-    if call.name not in (SEARCH_TOOL, QUERY_TOOL):
-        return REDUNDANTSEARCH
-    if not call.ok:
-        return REDUNDANTSEARCH if call.name == SEARCH_TOOL else REDUNDANTQUERY
-    return None
-
-
-def parse_labels_reply(text: str, tool_calls: Sequence[ToolCall]) -> tuple[LabelsReply, int]:
-    """The validated labels, with failed and unknown-tool calls forced, and how many were forced."""
-    value = extract_json(text)
-    try:
-        reply = LabelsReply.model_validate({"labels": value} if isinstance(value, list) else value)
-    except ValidationError:
-        raise ReplyError("invalid_reply", f"the reply {_clip(text.strip(), 200)!r} is not {{\"labels\": [...]}} with labels from {LABELS}") from None
-    if len(reply.labels) != len(tool_calls):
-        raise ReplyError("wrong_label_count", f"{len(reply.labels)} labels for {len(tool_calls)} tool calls")
-    labels, forced = [], 0
-    for i, (label, call) in enumerate(zip(reply.labels, tool_calls), 1):
-        must = _forced_label(call)
-        if must is not None:
-            forced += label != must
-            labels.append(must)
-            continue
-        allowed = SEARCH_LABELS if call.name == SEARCH_TOOL else QUERY_LABELS
-        if label not in allowed:
-            raise ReplyError("invalid_reply", f"call {i} ({call.name}) labelled {label}; allowed: {', '.join(allowed)}")
-        labels.append(label)
-    return LabelsReply(labels=labels), forced
-
-
-# --------------------------------------------------------------------------------------------
-# Rate limiting, backoff
-
-
-@dataclass
-class _Bucket:
-    rate_per_s: float
-    capacity: float
-    level: float
-    updated: float
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate_per_s)
-        self.updated = now
-
-    def take(self, amount: float, now: float) -> float:
-        """Debit `amount` now (the level may go negative) and return how long the debt takes to repay."""
-        self._refill(now)
-        self.level -= amount
-        return max(0.0, -self.level / self.rate_per_s)
-
-    def give(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
-
-
-class RateLimiter:
-    """Token buckets for requests/min and tokens/min, each holding at most one minute of budget.
-
-    A reservation is debited at once and returns how long to wait, so concurrent callers
-    queue in reservation order without a lock, and a request larger than the bucket still
-    goes through once its debt is repaid. Token counts are estimates before the call;
-    `settle` corrects the bucket with the count the reply reports.
-    """
-
-    def __init__(
-        self,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    ):
-        self._clock = clock
-        self._sleep = sleep
-        now = clock()
-        self._requests = self._bucket(requests_per_minute, now, "requests_per_minute")
-        self._tokens = self._bucket(tokens_per_minute, now, "tokens_per_minute")
-
-    @staticmethod
-    def _bucket(per_minute: float | None, now: float, name: str) -> _Bucket | None:
-        if per_minute is None:
-            return None
-        if per_minute <= 0:
-            raise ValueError(f"{name} must be > 0 (or None for no limit), got {per_minute}")
-        return _Bucket(per_minute / 60.0, per_minute, per_minute, now)
-
-    def reserve(self, tokens: int = 0) -> float:
-        """Book one request of `tokens` tokens; returns the seconds to wait before sending it."""
-        now = self._clock()
-        wait = 0.0
-        if self._requests is not None:
-            wait = max(wait, self._requests.take(1, now))
-        if self._tokens is not None and tokens > 0:
-            wait = max(wait, self._tokens.take(tokens, now))
-        return wait
-
-    def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
-        """Replace a reservation's token estimate by the real count (refund or extra debit)."""
-        if self._tokens is None or actual_tokens == estimated_tokens:
-            return
-        now = self._clock()
-        if actual_tokens < estimated_tokens:
-            self._tokens.give(estimated_tokens - actual_tokens, now)
-        else:
-            self._tokens.take(actual_tokens - estimated_tokens, now)
-
-    async def acquire(self, tokens: int = 0) -> float:
-        wait = self.reserve(tokens)
-        if wait > 0:
-            await self._sleep(wait)
-        return wait
-
-
-def estimate_tokens(messages: Sequence[Message], max_tokens: int) -> int:
-    """A rough upper bound before the call: ~4 characters per prompt token, plus the reply budget."""
-    return math.ceil(sum(len(m["content"]) for m in messages) / 4) + max_tokens
-
-
-def parse_retry_after(headers: Mapping[str, str] | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds to wait from retry-after-ms, or Retry-After (seconds, fractional accepted, or an HTTP date)."""
-    if not headers:
-        return None
-    lower = {k.lower(): v for k, v in headers.items()}
-    try:
-        if "retry-after-ms" in lower:
-            return max(0.0, float(lower["retry-after-ms"]) / 1000)
-        if "retry-after" in lower:
-            raw = lower["retry-after"].strip()
-            try:
-                return max(0.0, float(raw))
-            except ValueError:
-                date = email.utils.parsedate_to_datetime(raw)
-                return max(0.0, date.timestamp() - now())
-    except (ValueError, TypeError, OverflowError):
-        return None
-    return None
-
-
-def retry_delay(
-    retry: int,
-    *,
-    base_s: float,
-    max_s: float,
-    jitter: bool,
-    retry_after_s: float | None = None,
-    retry_after_max_s: float = 60.0,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Wait before retry number `retry` (0 = first retry): base·2^retry capped at max_s.
-
-    Jitter keeps between half and all of that ("equal jitter"), so that clients that failed
-    together spread out but still back off. A Retry-After is a floor, capped at retry_after_max_s.
-    """
-    delay = min(max_s, base_s * (2.0**retry))
-    if jitter:
-        delay *= 0.5 + 0.5 * rand()
-    if retry_after_s is not None:
-        delay = min(max(delay, retry_after_s), max(retry_after_max_s, delay))
-    return delay
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,7 +313,7 @@ class JudgeClient:
     async def judge_answer(self, question: str, gold: str | Sequence[str], answer: str | None) -> JudgeOutcome:
         """Is `answer` correct for `question` given the gold answer(s)? Always returns a usable verdict
         unless every attempt failed and answer_fallback is None (JudgeUnavailableError)."""
-        golds = _as_golds(gold)
+        golds = as_golds(gold)
         self.stats.answer_judgements += 1
         if answer is None or not answer.strip():
             # Nothing to compare; the paper's judge would say "unknown" and score it 0 anyway.
@@ -840,4 +486,4 @@ class JudgeClient:
 
 
 def _status_detail(e: openai.APIStatusError) -> str:
-    return f"HTTP {e.status_code} from the judge: {_clip(str(e.message), 200)}"
+    return f"HTTP {e.status_code} from the judge: {clip_text(str(e.message), 200)}"

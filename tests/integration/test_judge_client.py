@@ -17,18 +17,13 @@ import pytest
 from cluster.redis_server import async_client
 from rewards.answer import rule_judge
 from rewards.formulas import EXPLORATION, REDUNDANTQUERY, REDUNDANTSEARCH, UNIQUESEARCH, VERIFICATION
-from rewards.judge_client import (
+from rewards.judge_client import JudgeClient, JudgeConfigError, JudgeSettings, JudgeUnavailableError, RedisJudgeCache, judgement_key
+from rewards.judge_prompts import (
     ANSWER_TASK,
     LABELS_TASK,
-    JudgeClient,
-    JudgeConfigError,
-    JudgeSettings,
-    JudgeUnavailableError,
-    RedisJudgeCache,
     ReplyError,
     answer_prompt,
     embedded_case,
-    judgement_key,
     labels_prompt,
     parse_answer_reply,
     parse_labels_reply,

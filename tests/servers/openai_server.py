@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from rewards.answer import rule_judge
-from rewards.judge_client import ANSWER_TASK, LABELS_TASK, embedded_case
+from rewards.judge_prompts import ANSWER_TASK, LABELS_TASK, embedded_case
 from rewards.labeller import rule_labels
 from rollout.types import ToolCall
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rewards.judge_client import RateLimiter, estimate_tokens, parse_retry_after, retry_delay
+from rewards.retry import RateLimiter, estimate_tokens, parse_retry_after, retry_delay
 
 
 class FakeClock:

@@ -1,0 +1,188 @@
+"""The reward-labeller pool: M async actors that judge answers and label tool calls.
+
+The pool deals trajectories out in small chunks, keeps a bounded number of chunks in flight
+per actor, and collects one Score per trajectory. An actor that dies is restarted by Ray
+(max_restarts) and its unfinished chunks are dealt out again; a result that arrives twice
+is dropped and counted, so every trajectory gets exactly one reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import ray
+
+from rewards.scoring import RewardSpec, Score, apply_score, score_trajectory
+from rollout.types import Question, Trajectory
+
+
+def slim(traj: Trajectory) -> Trajectory:
+    """What the judge needs: answer, format, tool calls; not the token arrays."""
+    return dataclasses.replace(traj, token_ids=[], loss_mask=[], behaviour_logprobs=[])
+
+
+@ray.remote
+class RewardLabeller:
+    def __init__(self, name: str, spec: RewardSpec, judge_settings, llm_labels: bool, redis_url: str | None,
+                 redis_password: str | None, namespace: str, max_in_flight: int):
+        self.name = name
+        self.spec = spec
+        self.settings = judge_settings
+        self.llm_labels = llm_labels
+        self.redis_url, self.redis_password, self.namespace = redis_url, redis_password, namespace
+        self.max_in_flight = max_in_flight
+        self.judge = None
+        self.gate: asyncio.Semaphore | None = None
+        self.scored = 0
+
+    async def _ready(self) -> None:
+        # Clients bind to the running event loop, so they are made in it, on first use.
+        if self.gate is not None:
+            return
+        self.gate = asyncio.Semaphore(self.max_in_flight)
+        if self.settings is not None:
+            from cluster.redis_server import async_client
+            from rewards.judge_client import JudgeClient, RedisJudgeCache
+
+            cache = None
+            if self.redis_url:
+                cache = RedisJudgeCache(async_client(self.redis_url, self.redis_password), self.namespace)
+            self.judge = JudgeClient(self.settings, cache=cache)
+
+    async def score(self, items: list[tuple[int, Trajectory, Question]]) -> list[tuple[int, Score]]:
+        await self._ready()
+
+        async def one(key: int, traj: Trajectory, question: Question) -> tuple[int, Score]:
+            async with self.gate:
+                return key, await score_trajectory(traj, question, self.spec, self.judge, self.llm_labels)
+
+        results = await asyncio.gather(*(one(*item) for item in items))
+        self.scored += len(results)
+        return list(results)
+
+    async def stats(self) -> dict[str, float]:
+        out = {"scored": float(self.scored)}
+        if self.judge is not None:
+            out.update(self.judge.stats.as_dict())
+        return out
+
+    def ping(self) -> str:
+        return self.name
+
+    async def close(self) -> None:
+        if self.judge is not None:
+            await self.judge.close()
+
+
+@dataclass
+class PoolReport:
+    scores: int = 0
+    resubmitted: int = 0
+    duplicates: int = 0
+    actor_failures: int = 0
+    sources: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    retries: int = 0
+    fallbacks: int = 0
+    latency_s: float = 0.0
+
+    def metrics(self, prefix: str = "judge") -> dict[str, float]:
+        out = {
+            f"{prefix}/scored": self.scores,
+            f"{prefix}/resubmitted": self.resubmitted,
+            f"{prefix}/duplicates_dropped": self.duplicates,
+            f"{prefix}/actor_failures": self.actor_failures,
+            f"{prefix}/retries": self.retries,
+            f"{prefix}/fallbacks": self.fallbacks,
+            f"{prefix}/cache_hits": self.sources.get("cache", 0),
+            f"{prefix}/latency_s": self.latency_s / self.scores if self.scores else 0.0,
+        }
+        out.update({f"{prefix}/source_{k}": v for k, v in self.sources.items()})
+        out.update({f"labels/{k}": v for k, v in self.labels.items()})
+        return out
+
+
+class RewardPool:
+    def __init__(self, actors: list, *, chunk_size: int = 4, chunks_in_flight_per_actor: int = 4, max_attempts: int = 5):
+        self.actors = actors
+        self.chunk_size = chunk_size
+        self.per_actor = chunks_in_flight_per_actor
+        self.max_attempts = max_attempts
+
+    @classmethod
+    def create(cls, cfg, *, redis_url: str | None, redis_password: str | None, namespace: str) -> "RewardPool":
+        """``cfg`` is the RewardsConfig section."""
+        spec = cfg.spec()
+        actors = [
+            RewardLabeller.options(name=f"judge-{i}", num_cpus=cfg.num_cpus_per_actor, max_restarts=-1, max_task_retries=0).remote(
+                f"judge-{i}", spec, cfg.judge, cfg.uses_llm_labels(), redis_url if cfg.cache else None, redis_password,
+                namespace, cfg.max_in_flight_per_actor,
+            )
+            for i in range(cfg.num_actors)
+        ]
+        return cls(actors, chunk_size=cfg.chunk_size, chunks_in_flight_per_actor=max(1, cfg.max_in_flight_per_actor // cfg.chunk_size))
+
+    async def ready(self) -> list[str]:
+        return list(await asyncio.gather(*(a.ping.remote() for a in self.actors)))
+
+    async def score(self, trajs: list[Trajectory], questions: dict[str, Question]) -> PoolReport:
+        """Sets reward, correct and labels on every trajectory (in place)."""
+        report = PoolReport()
+        chunks = deque()
+        for start in range(0, len(trajs), self.chunk_size):
+            keys = range(start, min(start + self.chunk_size, len(trajs)))
+            chunks.append(([(k, slim(trajs[k]), questions[trajs[k].question_id]) for k in keys], 0))
+        results: dict[int, Score] = {}
+        running: dict[asyncio.Future, tuple[int, list, int]] = {}
+        load = [0] * len(self.actors)
+        while chunks or running:
+            while chunks and min(load) < self.per_actor:
+                actor = load.index(min(load))
+                items, tries = chunks.popleft()
+                future = asyncio.ensure_future(self.actors[actor].score.remote(items))
+                running[future] = (actor, items, tries)
+                load[actor] += 1
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                actor, items, tries = running.pop(future)
+                load[actor] -= 1
+                try:
+                    scored = future.result()
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    report.actor_failures += 1
+                    if tries + 1 >= self.max_attempts:
+                        raise RuntimeError(f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}") from e
+                    report.resubmitted += len(items)
+                    chunks.append((items, tries + 1))
+                    await asyncio.sleep(0.2 * (tries + 1))  # let Ray restart the actor
+                    continue
+                for key, score in scored:
+                    if key in results:
+                        report.duplicates += 1
+                        continue
+                    results[key] = score
+        for key, score in results.items():
+            apply_score(trajs[key], score)
+            report.scores += 1
+            report.sources[score.judge_source] += 1
+            report.labels.update(score.labels)
+            report.retries += score.retries
+            report.fallbacks += score.fallbacks
+            report.latency_s += score.latency_s
+        return report
+
+    async def stats(self) -> dict[str, float]:
+        """Judge client counters summed over the actors (an actor restart starts its counters anew)."""
+        total: Counter = Counter()
+        for s in await asyncio.gather(*(a.stats.remote() for a in self.actors), return_exceptions=True):
+            if isinstance(s, dict):
+                total.update(s)
+        return dict(total)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(a.close.remote() for a in self.actors), return_exceptions=True)
+        for a in self.actors:
+            ray.kill(a)
