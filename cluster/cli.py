@@ -121,6 +121,32 @@ def cmd_run(args) -> int:
     return 0 if summary.get("status") == "completed" else 1
 
 
+def cmd_serve_judge(args) -> int:
+    """vLLM's OpenAI-compatible server on a model folder, for `rewards.judge.base_url`."""
+    from rollout.vllm_engine import cpu_env_defaults, on_gpu
+
+    model = Path(args.model_dir)
+    if not (model / "config.json").exists():
+        console.print(f"[red]error:[/] {model} is not a model folder (no config.json)")
+        return 2
+    env = dict(os.environ)
+    if not on_gpu():
+        env.update({k: v for k, v in cpu_env_defaults(args.kv_cache_gib).items() if k not in env})
+    key = os.environ.get(args.api_key_env)
+    if key:
+        # vLLM reads VLLM_API_KEY: the key stays out of the command line, where `ps` would show it.
+        env["VLLM_API_KEY"] = key
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", args.host,
+        "--port", str(args.port), "--served-model-name", args.served_model_name, "--max-model-len", str(args.max_model_len),
+        *args.passthrough,
+    ]
+    _log(f"serving {model} as {args.served_model_name!r} on http://{args.host}:{args.port}/v1"
+         + (" (API key required)" if key else " (no API key: set rewards.judge.require_api_key=false)"))
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapo", description="RAPO training of deep-research agents on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     init.add_argument("overrides", nargs="*")
     init.set_defaults(func=cmd_init_model)
+
+    judge = sub.add_parser(
+        "serve-judge", help="serve a judge model with vLLM's OpenAI-compatible server (extra vLLM flags after --)"
+    )
+    judge.add_argument("model_dir")
+    judge.add_argument("--host", default="127.0.0.1")
+    judge.add_argument("--port", type=int, default=8000)
+    judge.add_argument("--served-model-name", default="judge")
+    judge.add_argument("--max-model-len", type=int, default=4096)
+    judge.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU only: vLLM's KV cache size")
+    judge.add_argument("--api-key-env", default="RAPO_JUDGE_API_KEY", help="env var whose key clients must send")
+    judge.set_defaults(func=cmd_serve_judge)
     return parser
 
 
@@ -144,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in ACTOR_ENV.items():
         os.environ.setdefault(key, value)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` goes to the wrapped program (vLLM's server) untouched.
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     args, extra = parser.parse_known_args(argv)
+    args.passthrough = passthrough
     # Overrides may come after options too (`rapo run c.yaml --output-dir d a.b=1`).
     stray = [e for e in extra if "=" not in e or e.startswith("-")]
     if stray:

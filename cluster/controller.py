@@ -190,7 +190,8 @@ class Controller:
             self._finish(summary, "FINISHED")
             return summary
         except BaseException as e:
-            self.errors.append(f"{type(e).__name__}: {e}")
+            # The first lines say what happened; a whole remote traceback would drown the summary.
+            self.errors.append(f"{type(e).__name__}: {str(e)[:2000]}")
             summary = await self._summary("failed")
             self._finish(summary, "FAILED")
             raise

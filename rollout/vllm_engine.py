@@ -8,12 +8,19 @@ import os
 from rollout.engine import EngineSpec, Generation, SamplingConfig
 
 
-def _cpu_env(kv_cache_gib: float) -> None:
+def cpu_env_defaults(kv_cache_gib: float) -> dict[str, str]:
     # vLLM's CPU default binds OMP to all cores but one; on a small machine that halves decode speed.
     ncpu = os.cpu_count() or 1
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{ncpu - 1}")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{ncpu - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gib)))),
+    }
+
+
+def _cpu_env(kv_cache_gib: float) -> None:
+    for key, value in cpu_env_defaults(kv_cache_gib).items():
+        os.environ.setdefault(key, value)
 
 
 def on_gpu() -> bool:
@@ -30,8 +37,14 @@ class VLLMEngine:
 
     def __init__(self, spec: EngineSpec):
         gpu = on_gpu()
+        extra = dict(spec.extra)
         if not gpu:
             _cpu_env(spec.kv_cache_gib)
+            # A chunked prefill makes vLLM rewind the request's sampling generator, which CPU
+            # generators cannot do ("CPU Generator does not use offset"): the engine dies as soon
+            # as seeded episodes share a step's token budget. Whole prefills avoid that path.
+            extra.setdefault("enable_chunked_prefill", False)
+            extra.setdefault("max_num_batched_tokens", max(spec.max_model_len, 4096))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -48,7 +61,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls="rollout.vllm_worker_ext.WeightSyncExtension",
             gpu_memory_utilization=spec.gpu_memory_utilization,
-            **spec.extra,
+            **extra,
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self.version = 0

@@ -79,6 +79,19 @@ def _max_gap(trainer, samples) -> float:
     return gap
 
 
+def test_many_long_seeded_prompts_at_once(engine, loop):
+    # Regression: chunked prefill of seeded requests killed vLLM's CPU engine core.
+    prompts = [[100 + (i * 7 + j) % 5000 for j in range(900)] for i in range(24)]
+
+    async def run():
+        return await asyncio.gather(*(
+            engine.generate(p, SamplingConfig(max_tokens=8, temperature=1.0, seed=i), f"long-{i}") for i, p in enumerate(prompts)
+        ))
+
+    outs = loop.run_until_complete(run())
+    assert all(len(o.token_ids) > 0 and len(o.logprobs) == len(o.token_ids) for o in outs)
+
+
 def test_learner_logprobs_match_engine(engine, trainer, loop, tokenizer):
     samples = _generate(engine, loop, tokenizer)
     assert all(sum(s.loss_mask) > 0 for s in samples)

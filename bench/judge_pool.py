@@ -1,0 +1,359 @@
+"""Benchmark: the reward-labeller pool against a slow, flaky OpenAI-compatible judge (issue 4).
+
+N synthetic trajectories go through RewardPool.score on a local Ray, against the repo's
+OpenAITestServer (tests/servers/openai_server.py) with 200 ms latency and 5% HTTP errors
+(429/500). It prints the achieved judge throughput, the ideal, their ratio, and the rewards
+lost or duplicated; the last line is
+
+    throughput_ratio=X lost=N duplicated=N
+
+Definitions (also printed):
+  total concurrency C = actors x min(in-flight per actor, judge.max_in_flight): the HTTP calls
+      the pool can have open at once (the actor's gate and the judge client's semaphore both
+      bound it; chunks in flight per actor x chunk size is checked to cover it).
+  ideal = C / latency: judge calls per second if every slot always held a call.
+  achieved = successful judge calls (HTTP 200 from the server) / wall time of pool.score.
+  throughput_ratio = achieved / ideal (the issue's definition). A failed call occupies a slot
+      for the full latency too, so even a perfect pool reaches at most (1 - error_rate) of the
+      ideal in successful calls; the error-adjusted ideal = ideal x (1 - error_rate) and the
+      ratio against it are printed for information only.
+  lost = trajectories that got no reward; duplicated = results the pool dropped as arriving
+      twice (PoolReport.duplicates) + trajectories whose reward was applied more than once.
+
+Every trajectory's judged content (question, gold, answer, tool calls) is unique, and the judge
+cache is off, so neither the Redis cache nor the client's coalescing of identical in-flight
+judgements can inflate the figures. A warm-up batch (not timed) starts the actors' judge
+clients and their connection pools first.
+
+    python bench/judge_pool.py                       # stage 1: one call per trajectory
+    python bench/judge_pool.py --stage 2             # answer + step labels: two calls each
+    python bench/judge_pool.py --kill-actor          # kill judge-0 mid-run: nothing may be lost
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # tests.servers is not an installed package
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trajectories", type=int, default=1000, help="trajectories scored in the timed run")
+    p.add_argument("--actors", type=int, default=4, help="reward-labeller actors (rewards.num_actors)")
+    p.add_argument("--in-flight-per-actor", type=int, default=16, help="rewards.max_in_flight_per_actor")
+    p.add_argument("--judge-max-in-flight", type=int, default=None,
+                   help="judge.max_in_flight per actor's client (default: --in-flight-per-actor)")
+    p.add_argument("--chunk-size", type=int, default=1,
+                   help="rewards.chunk_size: trajectories per actor call (the pool keeps in-flight-per-actor // chunk-size "
+                        "chunks per actor; a chunk frees its slots only when its slowest trajectory is done)")
+    p.add_argument("--chunks-per-actor", type=int, default=None,
+                   help="experiment: override the pool's chunks in flight per actor (RewardPool.create sets "
+                        "in-flight-per-actor // chunk-size); more than that queues work on the actor's own gate")
+    p.add_argument("--latency", type=float, default=0.2, help="server latency per chat request, seconds")
+    p.add_argument("--error-rate", type=float, default=0.05, help="fraction of requests answered 429 or 500")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="2: answer + step labels, two calls per trajectory")
+    p.add_argument("--seed", type=int, default=0, help="seeds the server's fault choice")
+    p.add_argument("--max-retries", type=int, default=4, help="judge.max_retries")
+    p.add_argument("--backoff-base", type=float, default=0.05, help="judge.backoff_base_s (equal jitter, doubled per retry)")
+    p.add_argument("--backoff-max", type=float, default=1.0, help="judge.backoff_max_s")
+    p.add_argument("--timeout", type=float, default=10.0, help="judge.timeout_s")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up trajectories (default: the total concurrency)")
+    p.add_argument("--kill-actor", action="store_true", help="kill judge-0 (Ray restarts it) once a third of the calls are done")
+    p.add_argument("--timeline", action="store_true", help="print the server's mean in-flight per 100 ms of the timed run")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: os.cpu_count())")
+    args = p.parse_args(argv)
+    for name in ("trajectories", "actors", "in_flight_per_actor", "chunk_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.latency <= 0:
+        p.error("--latency must be > 0 (the ideal is concurrency / latency)")
+    if not 0 <= args.error_rate < 1:
+        p.error("--error-rate must be in [0, 1)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic work: every judged case unique
+
+
+def make_batch(n: int, tag: str, stage: int):
+    """n trajectories on n distinct questions; half answer correctly; 1-3 distinct tool calls each."""
+    from rollout.types import Question, ToolCall, Trajectory
+
+    questions, trajs = {}, []
+    for i in range(n):
+        qid = f"{tag}-{i}"
+        q = Question(qid, f"Who founded the settlement {tag}-{i}?", f"Founder {tag} {i}")
+        questions[qid] = q
+        calls = [
+            ToolCall("search_urls", {"query": f"settlement {tag}-{i} founder"}, urls=[f"https://a.example/{tag}/{i}", f"https://b.example/{tag}/{i}"]),
+            ToolCall("query_url", {"url": f"https://a.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"}, urls=[f"https://a.example/{tag}/{i}"]),
+            ToolCall("query_url", {"url": f"https://b.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"}, urls=[f"https://b.example/{tag}/{i}"]),
+        ][: 1 + i % 3]
+        answer = q.answer if i % 2 == 0 else f"Impostor {tag} {i}"
+        trajs.append(Trajectory(qid, 0, [1, 2, 3], [0, 1, 1], [0.0, -0.1, -0.2], 1, tool_calls=calls, answer=answer,
+                                format_ok=i % 4 != 3, num_turns=len(calls) + 1))
+    return trajs, questions
+
+
+def expected_reward(traj, question, spec) -> float:
+    """What the test server's rule-following judge (and the rule fallback) give."""
+    from rewards.answer import rule_judge
+    from rewards.formulas import stage1_reward, stage2_reward
+    from rewards.labeller import rule_labels
+
+    correct = rule_judge(traj.answer, question.golds())
+    if spec.stage == 1:
+        return stage1_reward(traj.format_ok, correct, spec.format_weight)
+    labels = rule_labels(traj.tool_calls, budget_verification=spec.budget_verification)
+    return stage2_reward(traj.format_ok, correct, labels, format_weight=spec.format_weight, c_search=spec.c_search,
+                         c_query=spec.c_query, cap_search=spec.cap_search, cap_query=spec.cap_query, clamp_delta=spec.clamp_delta)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+class InFlightSampler:
+    """Samples the server's open chat requests every `every_s` (the server thread updates the count)."""
+
+    def __init__(self, server, every_s: float = 0.005):
+        self.server, self.every_s = server, every_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="in-flight-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(self.server._in_flight)  # an int read; the server's lock guards writes
+
+    def __enter__(self) -> "InFlightSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole host from /proc/stat; None where there is no /proc."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def count_applications():
+    """Wraps actors.reward_pool.apply_score (looked up at call time) to count rewards applied per trajectory."""
+    import actors.reward_pool as rp
+
+    original = rp.apply_score
+    applied: Counter = Counter()
+
+    def counting_apply(traj, score):
+        applied[(traj.question_id, traj.sample_index)] += 1
+        return original(traj, score)
+
+    rp.apply_score = counting_apply
+    return applied, lambda: setattr(rp, "apply_score", original)
+
+
+def rejudged(records) -> int:
+    """Successful calls whose exact prompt already had a successful reply: work paid twice (e.g. a resubmitted chunk)."""
+    import json
+
+    seen: Counter = Counter()
+    for r in records:
+        if r.status == 200 and r.body is not None:
+            seen[json.dumps(r.body.get("messages"), sort_keys=True)] += 1
+    return sum(c - 1 for c in seen.values() if c > 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+async def run_pool(args, srv, cfg, key_note: str) -> dict:
+    import ray
+
+    from actors.reward_pool import RewardPool
+
+    calls_per_traj = 2 if args.stage == 2 else 1
+    conc = cfg.num_actors * min(cfg.max_in_flight_per_actor, cfg.judge.max_in_flight)
+    warm_n = conc if args.warmup is None else args.warmup
+    pool = RewardPool.create(cfg, redis_url=None, redis_password=None, namespace="bench-judge-pool")
+    if args.chunks_per_actor is not None:
+        pool.per_actor = args.chunks_per_actor  # the actor's gate still caps its concurrency at max_in_flight_per_actor
+    try:
+        await pool.ready()
+        if warm_n > 0:
+            wtrajs, wquestions = make_batch(warm_n, "warm", args.stage)
+            await pool.score(wtrajs, wquestions)
+        stats_before = await pool.stats()
+
+        trajs, questions = make_batch(args.trajectories, "bench", args.stage)
+        applied, restore = count_applications()
+        first_record = srv.request_count
+        kill: dict = {}
+
+        async def killer() -> None:
+            target = first_record + max(1, args.trajectories * calls_per_traj // 3)
+            while srv.request_count < target:
+                await asyncio.sleep(0.01)
+            kill["at_s"] = time.perf_counter() - t0
+            ray.kill(pool.actors[0], no_restart=False)  # Ray restarts it; its chunks in flight are dealt again
+
+        try:
+            with InFlightSampler(srv) as sampler:
+                cpu0 = cpu_times()
+                t0 = time.perf_counter()
+                kill_task = asyncio.ensure_future(killer()) if args.kill_actor else None
+                report = await pool.score(trajs, questions)
+                wall = time.perf_counter() - t0
+                cpu1 = cpu_times()
+                if kill_task is not None and not kill_task.done():
+                    kill_task.cancel()
+        finally:
+            restore()
+        stats_after = await pool.stats()
+    finally:
+        await pool.close()
+
+    records = [r for r in srv.requests[first_record:] if r.path == CHAT_PATH]
+    spec = cfg.spec()
+    wrong = sum(1 for t in trajs if t.reward is not None and abs(t.reward - expected_reward(t, questions[t.question_id], spec)) > 1e-9)
+    return {
+        "trajs": trajs, "report": report, "wall": wall, "records": records, "applied": applied, "kill": kill,
+        "sampler_mean": sampler.mean, "sampler_peak": sampler.peak, "samples": list(sampler.samples),
+        "cpu_busy": (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) if cpu0 and cpu1 else None, "wrong": wrong, "warm_n": warm_n,
+        "stats_delta": {k: stats_after.get(k, 0) - stats_before.get(k, 0) for k in ("coalesced", "cache_hits", "requests", "retries")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import ray
+    from rich.console import Console
+    from rich.table import Table
+
+    from cluster.config import RewardsConfig
+    from rewards.judge_client import JudgeSettings
+    from tests.servers.openai_server import OpenAITestServer
+
+    console = Console(width=max(150, Console().width))
+    key = "sk-bench-" + secrets.token_hex(16)  # never printed
+    judge_mif = args.judge_max_in_flight or args.in_flight_per_actor
+    conc_per_actor = min(args.in_flight_per_actor, judge_mif)
+    conc = args.actors * conc_per_actor
+    chunks_per_actor = args.chunks_per_actor or max(1, args.in_flight_per_actor // args.chunk_size)
+    if chunks_per_actor * args.chunk_size < conc_per_actor:
+        console.print(f"[yellow]note: {chunks_per_actor} chunks x {args.chunk_size} trajectories per actor < {conc_per_actor} "
+                      "slots: the pool cannot fill the concurrency the ideal assumes[/]")
+    ideal = conc / args.latency
+    calls_per_traj = 2 if args.stage == 2 else 1
+
+    srv = OpenAITestServer(latency_s=args.latency, error_rate=args.error_rate, error_codes=(429, 500), seed=args.seed, api_key=key)
+    ray_started = False
+    try:
+        with srv:
+            ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": key, "RAY_DEDUP_LOGS": "1"}})
+            ray_started = True
+            cfg = RewardsConfig(
+                stage=args.stage, num_actors=args.actors, max_in_flight_per_actor=args.in_flight_per_actor,
+                chunk_size=args.chunk_size, cache=False,
+                judge=JudgeSettings(
+                    base_url=srv.base_url, model=srv.model, timeout_s=args.timeout, max_retries=args.max_retries,
+                    backoff_base_s=args.backoff_base, backoff_max_s=args.backoff_max, jitter=True, max_in_flight=judge_mif,
+                ),
+            )
+            r = asyncio.run(run_pool(args, srv, cfg, key))
+            server_peak_all = srv.max_in_flight
+    finally:
+        if ray_started or ray.is_initialized():
+            ray.shutdown()
+
+    trajs, report, wall, records = r["trajs"], r["report"], r["wall"], r["records"]
+    by_status = Counter(rec.status for rec in records)
+    ok = by_status.get(200, 0)
+    failed = len(records) - ok
+    achieved = ok / wall
+    ratio = achieved / ideal
+    adj_ideal = ideal * (1 - args.error_rate)
+    lost = sum(1 for t in trajs if t.reward is None or r["applied"][(t.question_id, t.sample_index)] == 0)
+    twice = sum(1 for c in r["applied"].values() if c > 1)
+    duplicated = report.duplicates + twice
+
+    table = Table(title=f"judge pool: stage {args.stage}, {args.trajectories} trajectories, {args.latency * 1000:g} ms latency, "
+                        f"{args.error_rate:.0%} errors" + (", judge-0 killed" if args.kill_actor else ""))
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    rows = [
+        ("actors x slots", f"{args.actors} x {conc_per_actor} = {conc}",
+         f"min(in-flight/actor {args.in_flight_per_actor}, judge.max_in_flight {judge_mif}); chunk {args.chunk_size}, "
+         f"{chunks_per_actor} chunks/actor"),
+        ("wall time (pool.score)", f"{wall:.2f} s", f"after {r['warm_n']} warm-up trajectories (untimed)"),
+        ("HTTP calls served", f"{len(records)}", f"{ok} ok, {failed} failed ({dict(sorted((k, v) for k, v in by_status.items() if k != 200))})"),
+        ("calls needed", f"{args.trajectories * calls_per_traj}", f"{calls_per_traj} per trajectory"),
+        ("server in flight", f"mean {r['sampler_mean']:.1f}, peak {r['sampler_peak']}", f"sampled every 5 ms; server max_in_flight {server_peak_all} (whole run)"),
+        ("host CPU busy", "n/a" if r["cpu_busy"] is None else f"{r['cpu_busy']:.0%} of {os.cpu_count()} cores",
+         "during pool.score: driver + server thread + Ray + actors"),
+        ("achieved (all calls)", f"{len(records) / wall:.1f} /s", "HTTP requests incl. failed ones / wall"),
+        ("achieved (successful calls)", f"{achieved:.1f} /s", f"{args.trajectories / wall:.1f} trajectories/s"),
+        ("ideal = C / latency", f"{ideal:.1f} /s", f"{conc} / {args.latency:g} s; the ratio uses this"),
+        ("error-adjusted ideal", f"{adj_ideal:.1f} /s", f"ideal x (1 - {args.error_rate:g}): failed calls hold a slot too"),
+        ("throughput_ratio", f"{ratio:.2f}", f"achieved ok / ideal; vs error-adjusted ideal: {achieved / adj_ideal:.2f}"),
+        ("retries / fallbacks", f"{report.retries} / {report.fallbacks}", "from the PoolReport of the delivered scores"),
+        ("coalesced / cache hits", f"{r['stats_delta']['coalesced']:g} / {r['stats_delta']['cache_hits']:g}", "must be 0: every case is unique, cache off"),
+        ("actor failures / resubmitted", f"{report.actor_failures} / {report.resubmitted}",
+         f"judge-0 killed at {r['kill']['at_s']:.2f} s" if r["kill"] else "no kill"),
+        ("re-judged (paid twice)", f"{rejudged(records)}", "successful calls on a prompt already answered (resubmitted chunks)"),
+        ("rewards delivered", f"{report.scores}", f"of {args.trajectories}"),
+        ("rewards off the rule value", f"{r['wrong']}", "the test server judges by the rules, as does the fallback"),
+        ("lost", f"{lost}", "trajectories without a reward"),
+        ("duplicated", f"{duplicated}", f"{report.duplicates} dropped as arriving twice + {twice} applied twice"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if args.timeline:
+        per_bin = max(1, round(0.1 / 0.005))
+        bins = [r["samples"][i : i + per_bin] for i in range(0, len(r["samples"]), per_bin)]
+        console.print("in flight per 100 ms: " + " ".join(f"{sum(b) / len(b):.0f}" for b in bins))
+    target_met = ratio >= 0.8 and lost == 0 and duplicated == 0
+    console.print(f"target (ratio >= 0.8, lost = 0, duplicated = 0): {'met' if target_met else 'NOT met'}")
+    print(f"throughput_ratio={ratio:.2f} lost={lost} duplicated={duplicated}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
