@@ -57,14 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trajectories", type=int, default=1000, help="trajectories scored in the timed run")
     p.add_argument("--actors", type=int, default=4, help="reward-labeller actors (rewards.num_actors)")
     p.add_argument("--in-flight-per-actor", type=int, default=16, help="rewards.max_in_flight_per_actor")
-    p.add_argument("--judge-max-in-flight", type=int, default=None,
-                   help="judge.max_in_flight per actor's client (default: --in-flight-per-actor)")
-    p.add_argument("--chunk-size", type=int, default=1,
-                   help="rewards.chunk_size: trajectories per actor call (the pool keeps in-flight-per-actor // chunk-size "
-                        "chunks per actor; a chunk frees its slots only when its slowest trajectory is done)")
-    p.add_argument("--chunks-per-actor", type=int, default=None,
-                   help="experiment: override the pool's chunks in flight per actor (RewardPool.create sets "
-                        "in-flight-per-actor // chunk-size); more than that queues work on the actor's own gate")
+    p.add_argument("--queue-per-actor", type=int, default=8,
+                   help="trajectories dealt to each actor beyond its HTTP slots: rewards.max_in_flight_per_actor = "
+                        "in-flight-per-actor + this, judge.max_in_flight = in-flight-per-actor, so a freed HTTP slot "
+                        "is refilled inside the actor instead of after a Ray round trip to the pool (0: no queue)")
+    p.add_argument("--chunk-size", type=int, default=2,
+                   help="rewards.chunk_size: trajectories per actor call (the pool keeps max_in_flight_per_actor // "
+                        "chunk_size chunks per actor; a chunk returns when its slowest trajectory is done)")
     p.add_argument("--latency", type=float, default=0.2, help="server latency per chat request, seconds")
     p.add_argument("--error-rate", type=float, default=0.05, help="fraction of requests answered 429 or 500")
     p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="2: answer + step labels, two calls per trajectory")
@@ -170,6 +169,30 @@ def cpu_times() -> tuple[float, float] | None:
     return sum(fields) - idle, sum(fields)
 
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of this process and its descendants (Ray's raylet, GCS and workers), by role."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[int, tuple[str, float]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            title = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        role = "driver" if proc.pid == me.pid else "actors" if "RewardLabeller" in title else "ray"
+        out[proc.pid] = (role, t.user + t.system)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter:
+    used: Counter = Counter()
+    for pid, (role, seconds) in after.items():
+        used[role] += seconds - before.get(pid, (role, 0.0))[1]
+    return used
+
+
 def count_applications():
     """Wraps actors.reward_pool.apply_score (looked up at call time) to count rewards applied per trajectory."""
     import actors.reward_pool as rp
@@ -209,8 +232,6 @@ async def run_pool(args, srv, cfg, key_note: str) -> dict:
     conc = cfg.num_actors * min(cfg.max_in_flight_per_actor, cfg.judge.max_in_flight)
     warm_n = conc if args.warmup is None else args.warmup
     pool = RewardPool.create(cfg, redis_url=None, redis_password=None, namespace="bench-judge-pool")
-    if args.chunks_per_actor is not None:
-        pool.per_actor = args.chunks_per_actor  # the actor's gate still caps its concurrency at max_in_flight_per_actor
     try:
         await pool.ready()
         if warm_n > 0:
@@ -232,12 +253,12 @@ async def run_pool(args, srv, cfg, key_note: str) -> dict:
 
         try:
             with InFlightSampler(srv) as sampler:
-                cpu0 = cpu_times()
+                cpu0, procs0 = cpu_times(), process_cpu()
                 t0 = time.perf_counter()
                 kill_task = asyncio.ensure_future(killer()) if args.kill_actor else None
                 report = await pool.score(trajs, questions)
                 wall = time.perf_counter() - t0
-                cpu1 = cpu_times()
+                cpu1, procs1 = cpu_times(), process_cpu()
                 if kill_task is not None and not kill_task.done():
                     kill_task.cancel()
         finally:
@@ -252,7 +273,8 @@ async def run_pool(args, srv, cfg, key_note: str) -> dict:
     return {
         "trajs": trajs, "report": report, "wall": wall, "records": records, "applied": applied, "kill": kill,
         "sampler_mean": sampler.mean, "sampler_peak": sampler.peak, "samples": list(sampler.samples),
-        "cpu_busy": (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) if cpu0 and cpu1 else None, "wrong": wrong, "warm_n": warm_n,
+        "cpu_busy": (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) if cpu0 and cpu1 else None,
+        "cpu_roles": cpu_by_role(procs0, procs1), "wrong": wrong, "warm_n": warm_n,
         "stats_delta": {k: stats_after.get(k, 0) - stats_before.get(k, 0) for k in ("coalesced", "cache_hits", "requests", "retries")},
     }
 
@@ -270,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=max(150, Console().width))
     key = "sk-bench-" + secrets.token_hex(16)  # never printed
-    judge_mif = args.judge_max_in_flight or args.in_flight_per_actor
-    conc_per_actor = min(args.in_flight_per_actor, judge_mif)
+    judge_mif = args.in_flight_per_actor
+    actor_mif = args.in_flight_per_actor + args.queue_per_actor
+    conc_per_actor = min(actor_mif, judge_mif)
     conc = args.actors * conc_per_actor
-    chunks_per_actor = args.chunks_per_actor or max(1, args.in_flight_per_actor // args.chunk_size)
+    chunks_per_actor = max(1, actor_mif // args.chunk_size)
     if chunks_per_actor * args.chunk_size < conc_per_actor:
         console.print(f"[yellow]note: {chunks_per_actor} chunks x {args.chunk_size} trajectories per actor < {conc_per_actor} "
                       "slots: the pool cannot fill the concurrency the ideal assumes[/]")
@@ -288,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                      runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": key, "RAY_DEDUP_LOGS": "1"}})
             ray_started = True
             cfg = RewardsConfig(
-                stage=args.stage, num_actors=args.actors, max_in_flight_per_actor=args.in_flight_per_actor,
+                stage=args.stage, num_actors=args.actors, max_in_flight_per_actor=actor_mif,
                 chunk_size=args.chunk_size, cache=False,
                 judge=JudgeSettings(
                     base_url=srv.base_url, model=srv.model, timeout_s=args.timeout, max_retries=args.max_retries,
@@ -319,14 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("note")
     rows = [
         ("actors x slots", f"{args.actors} x {conc_per_actor} = {conc}",
-         f"min(in-flight/actor {args.in_flight_per_actor}, judge.max_in_flight {judge_mif}); chunk {args.chunk_size}, "
-         f"{chunks_per_actor} chunks/actor"),
+         f"C = actors x min(max_in_flight_per_actor {actor_mif}, judge.max_in_flight {judge_mif}); "
+         f"chunk_size {args.chunk_size}, {chunks_per_actor} chunks/actor"),
         ("wall time (pool.score)", f"{wall:.2f} s", f"after {r['warm_n']} warm-up trajectories (untimed)"),
         ("HTTP calls served", f"{len(records)}", f"{ok} ok, {failed} failed ({dict(sorted((k, v) for k, v in by_status.items() if k != 200))})"),
         ("calls needed", f"{args.trajectories * calls_per_traj}", f"{calls_per_traj} per trajectory"),
         ("server in flight", f"mean {r['sampler_mean']:.1f}, peak {r['sampler_peak']}", f"sampled every 5 ms; server max_in_flight {server_peak_all} (whole run)"),
         ("host CPU busy", "n/a" if r["cpu_busy"] is None else f"{r['cpu_busy']:.0%} of {os.cpu_count()} cores",
-         "during pool.score: driver + server thread + Ray + actors"),
+         "all processes on the host during pool.score (other workloads included)"),
+        ("CPU of this benchmark", "{:.2f} s".format(sum(r["cpu_roles"].values())),
+         "driver (pool + test server thread) {driver:.2f} s, actors {actors:.2f} s, Ray system {ray:.2f} s; {per:.1f} ms per HTTP call".format(
+             **{k: r["cpu_roles"].get(k, 0.0) for k in ("driver", "actors", "ray")},
+             per=1000 * sum(r["cpu_roles"].values()) / max(1, len(records)))),
         ("achieved (all calls)", f"{len(records) / wall:.1f} /s", "HTTP requests incl. failed ones / wall"),
         ("achieved (successful calls)", f"{achieved:.1f} /s", f"{args.trajectories / wall:.1f} trajectories/s"),
         ("ideal = C / latency", f"{ideal:.1f} /s", f"{conc} / {args.latency:g} s; the ratio uses this"),

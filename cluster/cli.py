@@ -75,11 +75,23 @@ def cmd_run(args) -> int:
     from cluster.tracking import default_tracking_uri
 
     cfg = _load(args.config, args.overrides)
-    run_id = new_run_id(cfg.name)
-    output_dir = Path(args.output_dir or Path("runs") / run_id).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if args.resume:
+        output_dir = Path(args.resume).resolve()
+        meta_path, latest = output_dir / "run.json", output_dir / "checkpoints" / "rapo_latest"
+        if not meta_path.exists() or not latest.exists():
+            console.print(f"[red]error:[/] {output_dir} holds no checkpoint of a rapo run (no run.json or checkpoints/rapo_latest)")
+            return 2
+        run_id = json.loads(meta_path.read_text())["run_id"]
+        resume_from = str(latest.parent)
+        _log(f"resuming run {run_id} from {output_dir} ({latest.read_text().strip()})")
+    else:
+        run_id = new_run_id(cfg.name)
+        output_dir = Path(args.output_dir or Path("runs") / run_id).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run.json").write_text(json.dumps({"run_id": run_id, "created": time.time()}))
+        _log(f"run {run_id} -> {output_dir}")
     (output_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    _log(f"run {run_id} -> {output_dir}")
 
     model_dir = prepare_policy(cfg)
     weights_dir = weights_dir_for(run_id, output_dir)
@@ -91,11 +103,16 @@ def cmd_run(args) -> int:
                 run_id=run_id, output_dir=str(output_dir), model_dir=str(model_dir), redis_url=svc.redis_url,
                 redis_password=svc.redis_password, namespace=cfg.redis.namespace or run_id,
                 tracking_uri=cfg.tracking.uri or default_tracking_uri(output_dir), weights_dir=str(weights_dir),
-                model_meta=model_meta(model_dir),
+                model_meta=model_meta(model_dir), resume_from=resume_from,
             )
             controller = controller_actor(svc.node_id).remote(cfg, ctx)
-            with console.status("starting rollout workers and learners..."):
-                info = ray.get(controller.start.remote())
+            try:
+                with console.status("starting rollout workers and learners..."):
+                    info = ray.get(controller.start.remote())
+            except ray.exceptions.RayError as e:
+                console.print(f"[red]the run could not start:[/] {e}", highlight=False)
+                ray.get(controller.shutdown.remote(), timeout=120)
+                return 1
             _log(f"mlflow run id: {info['mlflow_run_id']} (tracking uri {ctx.tracking_uri})")
             for w in info["workers"]:
                 _log(f"{w['name']}: {w['engine']} engine ready in {w['startup_s']:.0f} s")
@@ -155,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config, e.g. deploy/configs/demo.yaml")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
     run.add_argument("--output-dir", help="run folder (default: runs/<run id>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(func=cmd_run)
 
     init = sub.add_parser("init-model", help="build the starting policy (convert + warm start) and print its folder")

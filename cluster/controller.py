@@ -234,7 +234,7 @@ class Controller:
         t_sync = time.perf_counter() - t0
 
         self.episodes += len(trajs)
-        metrics = {"step": step, "policy_version": self.version}
+        metrics = {"step": step, "policy_version": self.version, "questions": draw.ids}
         metrics.update(trajectory_metrics(trajs, "train"))
         rewards = np.array([t.reward for t in trajs])
         metrics["reward/mean"] = float(rewards.mean())

@@ -54,6 +54,17 @@ class RedisServer:
             self.process.wait(timeout)
 
 
+def _stored_password(data_dir: Path) -> str:
+    """The password kept with the data (0600), so that a restart on the same AOF keeps working."""
+    path = data_dir / "password"
+    if path.exists():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(password)
+    return password
+
+
 def start_redis(
     data_dir: Path,
     *,
@@ -70,7 +81,7 @@ def start_redis(
             "or set redis.url to an existing server"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    password = password or secrets.token_urlsafe(24)
+    password = password or _stored_password(data_dir)
     port = port or free_port(host)
     conf = data_dir / "redis.conf"
     # The password goes in a 0600 config file, not on the command line where `ps` shows it.
