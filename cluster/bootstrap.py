@@ -110,6 +110,8 @@ def services(cfg: RunConfig, output_dir: Path, log=print, log_to_driver: bool = 
             url, password = server.url, server.password
             log(f"redis: {url} (pid {server.process.pid}, AOF in {server.data_dir})")
         ray_started, dashboard = init_ray(cfg, log_to_driver)
+        # ray.init installs its own SIGTERM handler, which exits without our clean-up: take it back.
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
         node_id = ray.get_runtime_context().get_node_id()
         yield Services(url, password, f"http://{dashboard}" if dashboard else None, node_id, server, ray_started)
     finally:

@@ -209,7 +209,16 @@ class LearnerConfig(Section):
 
 
 class PipelineConfig(Section):
-    mode: Literal["sync"] = "sync"
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: a batch is generated only after the previous step (the baseline); async: overlap"
+    )
+    max_staleness: int = Field(1, ge=0, description="async: policy versions a sample may lag when trained (0 = on-policy)")
+    stale_action: Literal["drop", "downweight"] = Field("drop", description="what happens to an over-stale group")
+    stale_weight: float = Field(0.5, ge=0, le=1, description="advantage multiplier of an over-stale group (downweight)")
+    groups_per_worker: int | None = Field(
+        None, ge=1, description="groups one rollout worker runs at once (default: max_concurrent_episodes / n)"
+    )
+    weight_sync_timeout_s: float = Field(300, gt=0, description="a worker not loading new weights in time is an error")
     steps: int = Field(10, ge=1)
     questions_per_step: int = Field(4, ge=1)
     samples_per_question: int = Field(4, ge=2, description="n rollouts per question (the GRPO group)")
@@ -218,6 +227,11 @@ class PipelineConfig(Section):
         0.6, ge=0, description="sampling temperature of held-out evals (the paper evaluates at 0.6; 0 is greedy)"
     )
     seed: int = 0
+
+    @property
+    def staleness_bound(self) -> int:
+        """Sync mode is the same pipeline with no overlap: a bound of 0 versions."""
+        return self.max_staleness if self.mode == "async" else 0
 
 
 class RedisConfig(Section):

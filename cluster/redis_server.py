@@ -54,6 +54,20 @@ class RedisServer:
             self.process.wait(timeout)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM (Redis then flushes its AOF) if the process that started it dies.
+
+    Redis runs in its own session so that a terminal Ctrl-C reaches only the CLI, which stops it
+    in order; this covers the CLI being killed outright.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _stored_password(data_dir: Path) -> str:
     """The password kept with the data (0600), so that a restart on the same AOF keeps working."""
     path = data_dir / "password"
@@ -91,7 +105,10 @@ def start_redis(
         f"daemonize no\nlogfile {data_dir / 'redis.log'}\n"
     )
     os.chmod(conf, 0o600)
-    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     server = RedisServer(proc, host, port, password, data_dir)
     deadline = time.monotonic() + timeout
     import redis
@@ -110,9 +127,18 @@ def start_redis(
     raise RedisStartError(f"redis-server did not answer on {host}:{port} within {timeout:.0f} s")
 
 
-def async_client(url: str, password: str | None, max_connections: int = 32):
-    """An asyncio client whose pool waits for a free connection instead of failing past its size."""
+def async_client(url: str, password: str | None, max_connections: int = 32, retry_for_s: float = 60.0):
+    """An asyncio client that waits for a free connection instead of failing past its pool size,
+    and rides out a Redis restart by retrying with backoff for about ``retry_for_s``."""
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    pool = aioredis.BlockingConnectionPool.from_url(url, password=password, max_connections=max_connections, timeout=60)
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=max(1, int(retry_for_s / 2)))
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, password=password, max_connections=max_connections, timeout=60, retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError],
+    )
     return aioredis.Redis(connection_pool=pool)

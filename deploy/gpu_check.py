@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write the random model, kept for later checks (default: a temp folder, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--profile", type=Path, default=None,
-                   help="profile the last timed step with torch.profiler; write the kernel table here, print its top")
+                   help="profile one extra (untimed) step with torch.profiler; write the op table here, print its top")
     args = p.parse_args(argv)
     small = args.cpu
     args.batch = args.batch or (4 if small else 8)
@@ -185,7 +185,7 @@ def build_model_dir(out: Path, arch: dict, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     write_tokenizer(out, arch["vocab_size"])
-    meta = {"family": family, "transformers": transformers.__version__, "params_total": total,
+    meta = {"arch": arch, "family": family, "transformers": transformers.__version__, "params_total": total,
             "params_embedding": embed, "params_non_embedding": total - embed}
     (out / "gpu_check_model.json").write_text(json.dumps(meta))
     return meta
@@ -290,16 +290,21 @@ def main(argv=None) -> int:
         model_dir = Path(tmp.name) / "model"
     marker = model_dir / "gpu_check_model.json"
     t0 = time.perf_counter()
+    meta, reused = None, False
     if rank == 0 and args.model_dir is not None and marker.exists():
-        meta = json.loads(marker.read_text())  # reuse the model a previous check wrote there
-    elif rank == 0:
+        found = json.loads(marker.read_text())
+        # A previous check wrote a model there: reuse it if it has this shape.
+        if found.get("arch") == json.loads(json.dumps(arch)):
+            meta, reused = found, True
+    if rank == 0 and meta is None:
         meta = build_model_dir(model_dir, arch, args.seed)
-    else:
+    elif rank != 0:
         wait_for(marker)
         meta = json.loads(marker.read_text())
     build_s = time.perf_counter() - t0
     log(rank, f"model: random-init {meta['family']} ({meta['params_total'] / 1e6:.1f} M parameters, "
-              f"{meta['params_non_embedding'] / 1e6:.1f} M non-embedding) written to {model_dir} in {build_s:.1f} s")
+              f"{meta['params_non_embedding'] / 1e6:.1f} M non-embedding) "
+              + (f"reused from {model_dir}" if reused else f"written to {model_dir} in {build_s:.1f} s"))
 
     if args.torch_adam:
         original = trainer_mod.ds_config
@@ -339,11 +344,13 @@ def main(argv=None) -> int:
     ok = True
     times, losses = [], []
     try:
-        for i in range(args.warmup + args.steps):
+        # With --profile, one more (untimed) step runs under the profiler after the timed ones.
+        total = args.warmup + args.steps + (1 if args.profile else 0)
+        for i in range(total):
             if i == args.warmup and trainer.gpu:
                 torch.cuda.reset_peak_memory_stats()
             profiler = None
-            if args.profile and i == args.warmup + args.steps - 1:
+            if args.profile and i == args.warmup + args.steps:
                 from torch.profiler import ProfilerActivity, profile
 
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.gpu else [])
@@ -360,16 +367,18 @@ def main(argv=None) -> int:
                 table = profiler.key_averages().table(sort_by=key, row_limit=40)
                 if rank == 0:
                     args.profile.write_text(table)
-                    print("\n".join(table.splitlines()[:22]))
+                    print("\n".join(table.splitlines()[:25]))
             loss = out["loss"]
             if not math.isfinite(loss) or not math.isfinite(out["grad_norm"]):
                 print(f"rank {rank}: step {i}: non-finite loss {loss} / grad norm {out['grad_norm']}", file=sys.stderr)
                 ok = False
                 break
-            if i >= args.warmup:
+            timed = args.warmup <= i < args.warmup + args.steps
+            if timed:
                 times.append(dt)
                 losses.append(loss)
-            log(rank, f"step {i + 1}/{args.warmup + args.steps}{' (warm-up)' if i < args.warmup else ''}: "
+            tag = " (warm-up)" if i < args.warmup else (" (profiled, not timed)" if not timed else "")
+            log(rank, f"step {i + 1}/{total}{tag}: "
                       f"{dt:.3f} s, loss {loss:+.5f}, grad norm {out['grad_norm']:.4f}")
         peak_alloc = torch.cuda.max_memory_allocated() if trainer.gpu else 0
         peak_reserved = torch.cuda.max_memory_reserved() if trainer.gpu else 0

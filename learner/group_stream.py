@@ -14,7 +14,10 @@ CONSUMER_GROUP = "learner"
 
 
 def encode_group(group: ScoredGroup) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode()}
+    fields: dict[bytes, bytes] = {
+        b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode(),
+        b"gid": group.group_id.encode(), b"epoch": str(group.epoch).encode(),
+    }
     for i, member in enumerate(group.members):
         for key, value in member.to_wire().items():
             fields[f"{i}:{key}".encode()] = value
@@ -27,13 +30,14 @@ def decode_group(fields: dict[bytes, bytes]) -> ScoredGroup:
     for i in range(n):
         prefix = f"{i}:".encode()
         members.append(Trajectory.from_wire({k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}))
-    return ScoredGroup(fields[b"qid"].decode(), members)
+    return ScoredGroup(fields[b"qid"].decode(), members, fields.get(b"gid", b"").decode(), int(fields.get(b"epoch", b"0")))
 
 
 class GroupStream:
     def __init__(self, redis, namespace: str, consumer: str = "learner-0"):
         self.redis = redis
         self.key = f"{namespace}:groups"
+        self.published_key = f"{namespace}:groups:published"
         self.consumer = consumer
 
     async def ensure(self) -> None:
@@ -46,17 +50,30 @@ class GroupStream:
                 raise
 
     async def publish(self, group: ScoredGroup) -> str:
-        entry = await self.redis.xadd(self.key, encode_group(group))
-        return entry.decode() if isinstance(entry, bytes) else entry
+        """Append the group; its id joins the published set in the same transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.key, encode_group(group))
+            if group.group_id:
+                pipe.sadd(self.published_key, group.group_id)
+            entry, *_ = await pipe.execute()
+        return _id(entry)
+
+    async def was_published(self, group_ids: list[str]) -> list[bool]:
+        if not group_ids:
+            return []
+        return [bool(x) for x in await self.redis.smismember(self.published_key, group_ids)]
 
     async def read(self, count: int, block_ms: int = 1000) -> list[tuple[str, ScoredGroup]]:
         """Up to ``count`` new entries for this consumer (waits up to ``block_ms`` for the first)."""
         reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer, {self.key: ">"}, count=count, block=block_ms)
         return [(_id(eid), decode_group(fields)) for _, entries in reply or [] for eid, fields in entries]
 
-    async def pending(self, count: int = 1000) -> list[tuple[str, ScoredGroup]]:
-        """Entries delivered to this consumer but never acknowledged (a step that did not finish)."""
-        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer, {self.key: "0"}, count=count)
+    async def pending(self, count: int = 1000, after: str = "0") -> list[tuple[str, ScoredGroup]]:
+        """Entries delivered to this consumer but not acknowledged, oldest first, after entry ``after``.
+
+        After a learner restart these are the groups of the steps that were lost with it.
+        """
+        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer, {self.key: after}, count=count)
         return [(_id(eid), decode_group(fields)) for _, entries in reply or [] for eid, fields in entries if fields]
 
     async def ack(self, entry_ids: list[str]) -> None:

@@ -16,6 +16,17 @@ from rollout.types import Trajectory
 class ScoredGroup:
     question_id: str
     members: list[Trajectory]
+    # Unique per admission (so a re-run group is recognisable), and the epoch it was drawn in.
+    group_id: str = ""
+    epoch: int = 0
+    # Below 1 for an over-stale group that is down-weighted rather than dropped (not stored).
+    weight: float = 1.0
+
+    @property
+    def version_start(self) -> int:
+        """The oldest policy any fresh member started under (replayed members do not count)."""
+        fresh = [m.policy_version_start for m in self.members if not m.replayed]
+        return min(fresh) if fresh else max(m.policy_version_start for m in self.members)
 
     @property
     def rewards(self) -> np.ndarray:
@@ -72,7 +83,7 @@ def batch_samples(
     stats = batch_advantages(np.stack([g.rewards for g in groups]), std=std, eps=eps, scale=scale)
     samples = []
     for g, row in zip(groups, stats.advantages):
-        for m, a in zip(g.members, row):
+        for m, a in zip(g.members, row * g.weight):
             samples.append(
                 TrainSample(
                     m.token_ids, m.loss_mask, None if (m.replayed and replay_on_policy) else m.behaviour_logprobs,

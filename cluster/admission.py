@@ -1,0 +1,63 @@
+"""Bounded staleness: when may a new group start, and is a finished group still fresh enough to train on.
+
+Admission follows AReaL's rule, counted in groups: with ``finished`` groups produced (waiting
+in the queue or already trained) and ``running`` groups in generation, a new group starts
+only while finished + running < (max_staleness + step + 1) * batch_size, where ``step`` is
+the number of training steps done. max_staleness = 0 is synchronous training: the next batch
+starts only when the previous one has been trained on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Admission:
+    batch_size: int
+    max_staleness: int
+    finished: int = 0
+    running: int = 0
+
+    def capacity(self, step: int) -> int:
+        return (self.max_staleness + step + 1) * self.batch_size
+
+    def can_admit(self, step: int) -> bool:
+        return self.finished + self.running < self.capacity(step)
+
+    def admit(self) -> None:
+        self.running += 1
+
+    def finish(self) -> None:
+        self.running -= 1
+        self.finished += 1
+
+    def abandon(self) -> None:
+        """A running group that will be re-admitted (its worker died): its slot is free again."""
+        self.running -= 1
+
+    def drop(self) -> None:
+        """A finished group judged too stale to train on: it no longer counts as produced."""
+        self.finished -= 1
+
+
+def staleness(trained_at_version: int, started_at_version: int) -> int:
+    return trained_at_version - started_at_version
+
+
+@dataclass
+class StalenessPolicy:
+    """What happens to a sample whose staleness exceeds the bound: dropped, or trained down-weighted."""
+
+    max_staleness: int
+    action: str = "drop"  # "drop" | "downweight"
+    downweight: float = 0.5
+    histogram: Counter = field(default_factory=Counter)
+
+    def weight(self, lag: int) -> float:
+        """1 for fresh samples, 0 (drop) or ``downweight`` for over-stale ones; records the lag."""
+        self.histogram[lag] += 1
+        if lag <= self.max_staleness:
+            return 1.0
+        return 0.0 if self.action == "drop" else self.downweight
