@@ -137,33 +137,53 @@ class RewardPool:
             chunks.append(([(k, slim(trajs[k]), questions[trajs[k].question_id]) for k in keys], 0))
         results: dict[int, Score] = {}
         running: dict[asyncio.Future, tuple[int, list, int]] = {}
+        probes: dict[asyncio.Future, int] = {}
         load = [0] * len(self.actors)
-        while chunks or running:
-            while chunks and min(load) < self.per_actor:
-                actor = load.index(min(load))
-                items, tries = chunks.popleft()
-                future = asyncio.ensure_future(self.actors[actor].score.remote(items))
-                running[future] = (actor, items, tries)
-                load[actor] += 1
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                actor, items, tries = running.pop(future)
-                load[actor] -= 1
-                try:
-                    scored = future.result()
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    report.actor_failures += 1
-                    if tries + 1 >= self.max_attempts:
-                        raise RuntimeError(f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}") from e
-                    report.resubmitted += len(items)
-                    chunks.append((items, tries + 1))
-                    await asyncio.sleep(0.2 * (tries + 1))  # let Ray restart the actor
-                    continue
-                for key, score in scored:
-                    if key in results:
-                        report.duplicates += 1
+        down: set[int] = set()
+        try:
+            while chunks or running:
+                up = [i for i in range(len(self.actors)) if i not in down]
+                while chunks and up and min(load[i] for i in up) < self.per_actor:
+                    actor = min(up, key=lambda i: load[i])
+                    items, tries = chunks.popleft()
+                    future = asyncio.ensure_future(self.actors[actor].score.remote(items))
+                    running[future] = (actor, items, tries)
+                    load[actor] += 1
+                done, _ = await asyncio.wait([*running, *probes], return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    if future in probes:
+                        actor = probes.pop(future)
+                        if future.exception() is None:
+                            down.discard(actor)  # restarted by Ray: back in rotation
+                        else:
+                            probes[asyncio.ensure_future(self._probe(actor))] = actor
                         continue
-                    results[key] = score
+                    actor, items, tries = running.pop(future)
+                    load[actor] -= 1
+                    try:
+                        scored = future.result()
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                        report.actor_failures += 1
+                        if tries + 1 >= self.max_attempts:
+                            raise RuntimeError(f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}") from e
+                        report.resubmitted += len(items)
+                        # First in line for a live actor; the dead one is probed until Ray has restarted it.
+                        chunks.appendleft((items, tries + 1))
+                        if actor not in down:
+                            down.add(actor)
+                            probes[asyncio.ensure_future(self._probe(actor))] = actor
+                        continue
+                    for key, score in scored:
+                        if key in results:
+                            report.duplicates += 1
+                            continue
+                        results[key] = score
+                if chunks and not running and len(down) == len(self.actors) and not probes:
+                    for actor in down:
+                        probes[asyncio.ensure_future(self._probe(actor))] = actor
+        finally:
+            for probe in probes:
+                probe.cancel()
         for key, score in results.items():
             apply_score(trajs[key], score)
             report.scores += 1
@@ -173,6 +193,10 @@ class RewardPool:
             report.fallbacks += score.fallbacks
             report.latency_s += score.latency_s
         return report
+
+    async def _probe(self, actor: int, delay_s: float = 0.2) -> str:
+        await asyncio.sleep(delay_s)
+        return await self.actors[actor].ping.remote()
 
     async def stats(self) -> dict[str, float]:
         """Judge client counters summed over the actors (an actor restart starts its counters anew)."""

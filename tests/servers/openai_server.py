@@ -289,7 +289,7 @@ class OpenAITestServer:
         bearer, authorized = self._auth(request)
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, ConnectionResetError):  # a killed client mid-request
             body = None
         task = _task_of(body)
         if not authorized:
