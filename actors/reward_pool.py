@@ -72,6 +72,11 @@ class RewardLabeller:
     def ping(self) -> str:
         return self.name
 
+    def info(self) -> dict:
+        import os
+
+        return {"name": self.name, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "scored": self.scored}
+
     async def close(self) -> None:
         if self.judge is not None:
             await self.judge.close()
@@ -127,6 +132,10 @@ class RewardPool:
 
     async def ready(self) -> list[str]:
         return list(await asyncio.gather(*(a.ping.remote() for a in self.actors)))
+
+    async def describe(self) -> list[dict]:
+        infos = await asyncio.gather(*(a.info.remote() for a in self.actors), return_exceptions=True)
+        return [i if isinstance(i, dict) else {"name": f"judge-{n}", "error": type(i).__name__} for n, i in enumerate(infos)]
 
     async def score(self, trajs: list[Trajectory], questions: dict[str, Question]) -> PoolReport:
         """Sets reward, correct and labels on every trajectory (in place)."""

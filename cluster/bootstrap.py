@@ -7,6 +7,7 @@ folder. Both are torn down on normal exit, on error and on Ctrl-C / SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -69,11 +70,24 @@ def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _job_env_keys() -> set[str]:
+    """Env var names of the runtime_env of the Ray job this driver runs in (none outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
 def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | None]:
     """Connect to ``ray.address`` or start a local Ray: (whether this process started it, dashboard URL)."""
     import ray
 
-    env = {"env_vars": dict(ACTOR_ENV)}
+    # Variables a submitted job already sets stay its own: Ray refuses to merge two values of one key.
+    taken = _job_env_keys()
+    env = {"env_vars": {k: v for k, v in ACTOR_ENV.items() if k not in taken}}
     if cfg.ray.address:
         info = ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
         return False, info.dashboard_url

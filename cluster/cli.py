@@ -164,6 +164,78 @@ def cmd_serve_judge(args) -> int:
     return 0  # not reached
 
 
+def _connect(address: str | None, namespace: str):
+    import ray
+
+    ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    try:
+        return ray.get_actor("controller")
+    except ValueError:
+        raise SystemExit(f"no running rapo controller in Ray namespace {namespace!r} at {address or 'auto'}") from None
+
+
+def cmd_scale(args) -> int:
+    """Add or remove rollout workers of a running run, without stopping its learner."""
+    import ray
+
+    if args.rollout_workers is None:
+        if args.config is None:
+            console.print("[red]error:[/] give --rollout-workers N or --config FILE (its rollout.num_workers)")
+            return 2
+        args.rollout_workers = _load(args.config, args.overrides).rollout.num_workers
+    controller = _connect(args.address, args.namespace)
+    result = ray.get(controller.scale.remote(args.rollout_workers))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_status(args) -> int:
+    import ray
+
+    if args.job_id:
+        from cluster.jobs import job_status
+
+        print(json.dumps(job_status(args.address, args.job_id), indent=2))
+        return 0
+    controller = _connect(args.address, args.namespace)
+    status, actors = ray.get([controller.status.remote(), controller.actors.remote()])
+    print(json.dumps({**status, "actors": actors}, indent=2, default=str))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from cluster import jobs
+
+    cfg = _load(args.config, args.overrides)  # validated here, before anything reaches the cluster
+    del cfg
+    job_id = jobs.submit(args.address, args.config, args.overrides, output_dir=args.output_dir, pip=args.pip or None)
+    _log(f"submitted job {job_id} to {args.address}")
+    print(job_id)
+    if not args.wait:
+        return 0
+    status = jobs.follow(args.address, job_id, lambda chunk: sys.stderr.write(chunk))
+    _log(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_logs(args) -> int:
+    from cluster import jobs
+
+    if args.follow:
+        status = jobs.follow(args.address, args.job_id, lambda chunk: sys.stdout.write(chunk))
+        return 0 if status == "SUCCEEDED" else 1
+    sys.stdout.write(jobs.logs(args.address, args.job_id))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from cluster import jobs
+
+    stopped = jobs.stop(args.address, args.job_id)
+    _log(f"job {args.job_id}: {'stop requested' if stopped else 'was not running'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapo", description="RAPO training of deep-research agents on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     init.add_argument("overrides", nargs="*")
     init.set_defaults(func=cmd_init_model)
+
+    scale = sub.add_parser("scale", help="change the number of rollout workers of a running run")
+    scale.add_argument("--rollout-workers", type=int, help="the new number of rollout workers")
+    scale.add_argument("--config", help="take rollout.num_workers from this config (with overrides)")
+    scale.add_argument("overrides", nargs="*")
+    scale.add_argument("--address", help="Ray address of the run's cluster (default: auto)")
+    scale.add_argument("--namespace", default="rapo", help="the run's ray.namespace")
+    scale.set_defaults(func=cmd_scale)
+
+    status = sub.add_parser("status", help="a running run's progress and actors, or a submitted job's status")
+    status.add_argument("job_id", nargs="?", help="a Ray job id (from `rapo submit`); omit for the live run")
+    status.add_argument("--address", help="Ray address (jobs: the dashboard URL, http://HEAD:8265)")
+    status.add_argument("--namespace", default="rapo")
+    status.set_defaults(func=cmd_status)
+
+    submit = sub.add_parser("submit", help="submit `rapo run CONFIG` as a Ray job (uploads this repository)")
+    submit.add_argument("config")
+    submit.add_argument("overrides", nargs="*")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
+    submit.add_argument("--output-dir", help="run folder on the cluster (a shared volume on multi-node clusters)")
+    submit.add_argument("--pip", action="append", help="extra pip requirement for the job's runtime_env (repeatable)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its status")
+    submit.set_defaults(func=cmd_submit)
+
+    job_logs = sub.add_parser("logs", help="a submitted job's logs")
+    job_logs.add_argument("job_id")
+    job_logs.add_argument("--address", required=True)
+    job_logs.add_argument("--follow", "-f", action="store_true")
+    job_logs.set_defaults(func=cmd_logs)
+
+    stop = sub.add_parser("stop", help="stop a submitted job")
+    stop.add_argument("job_id")
+    stop.add_argument("--address", required=True)
+    stop.set_defaults(func=cmd_stop)
 
     judge = sub.add_parser(
         "serve-judge", help="serve a judge model with vLLM's OpenAI-compatible server (extra vLLM flags after --)"

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -175,7 +176,7 @@ class Controller:
                   "rapo.algorithm": cfg.learner.algorithm},
             resume_run_id=self.mlflow_run_id,
         )
-        self._write_actor_table()
+        await self._write_actor_table()
         return {"mlflow_run_id": self.mlflow_run_id, "workers": self.worker_info, "learners": self.learner_info,
                 "resumed_at_step": self.step if resumed else None}
 
@@ -375,6 +376,7 @@ class Controller:
             metrics["queue/groups_depth"] = await self.stream.depth()
             self.history.append(metrics)
             self.tracker.log_metrics(metrics, step)
+            await self._write_actor_table()
 
     async def _take_batch(self) -> list[tuple[str, ScoredGroup]]:
         """B groups fresh enough to train on: re-read (after a restart) ones first, then new ones."""
@@ -455,7 +457,7 @@ class Controller:
         except Exception:
             pass
         self.learner = self._new_learner()
-        await self.learner.setup(self.ctx.model_dir, self.cfg.micro_batches_per_rank, self.cfg.rollout.temperature)
+        self.learner_info = await self.learner.setup(self.ctx.model_dir, self.cfg.micro_batches_per_rank, self.cfg.rollout.temperature)
         root = self.output_dir / "checkpoints"
         step, trained = 0, 0
         if (root / "rapo_latest").exists():
@@ -555,17 +557,23 @@ class Controller:
         if rollout_workers < 1:
             raise ValueError("a run needs at least one rollout worker")
         result = await self.fleet.scale(rollout_workers)
-        self._write_actor_table()
+        await self._write_actor_table()
         return result
 
-    def _write_actor_table(self) -> None:
-        """Names and pids of the run's actors, for operators (and the fault-injection tests)."""
-        table = {
-            "controller": {"pid": __import__("os").getpid()},
+    async def actors(self) -> dict:
+        """Names, pids and nodes of the run's actors (`rapo status`; the fault-injection tests)."""
+        return {
+            "controller": {"name": "controller", "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()},
             "rollout": self.fleet.describe() if self.fleet else [],
             "learner": getattr(self, "learner_info", []),
+            "judge": await self.rewards.describe() if self.rewards else [],
         }
-        (self.output_dir / "actors.json").write_text(json.dumps(table, indent=2, default=str))
+
+    async def _write_actor_table(self) -> None:
+        table = await self.actors()
+        tmp = self.output_dir / "actors.json.tmp"
+        tmp.write_text(json.dumps(table, indent=2, default=str))
+        tmp.replace(self.output_dir / "actors.json")
 
     def _pipeline_metrics(self) -> dict[str, float]:
         out = {f"pipeline/{k}_groups": float(v) for k, v in self.counts.items()}

@@ -1,0 +1,89 @@
+"""`rapo submit` against a real `ray start --head` cluster started (and stopped) by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, group_alive
+
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dash = _port(), _port()
+    temp = Path("/tmp") / f"rapo-head-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert head.poll() is None and time.monotonic() < deadline, "ray head did not start"
+        time.sleep(1)
+    yield url
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+    deadline = time.monotonic() + 30
+    while group_alive(head.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if group_alive(head.pid):
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _rapo(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def test_submit_wait_then_status(ray_head, tmp_path):
+    out = tmp_path / "job-run"
+    sub = _rapo("submit", "deploy/configs/smoke.yaml", "pipeline.steps=2", "--address", ray_head, "--output-dir", str(out),
+                "--wait", timeout=900)
+    assert sub.returncode == 0, sub.stderr[-4000:]
+    job_id = sub.stdout.strip().splitlines()[0]
+    status = _rapo("status", job_id, "--address", ray_head, timeout=60)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["status"] == "SUCCEEDED" and "cluster.cli run" in info["entrypoint"] and "ray.address=auto" in info["entrypoint"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    logs = _rapo("logs", job_id, "--address", ray_head, timeout=60)
+    assert "mlflow run id" in logs.stdout
+
+
+def test_bad_config_is_refused_before_submission(ray_head):
+    sub = _rapo("submit", "deploy/configs/smoke.yaml", "learner.zero_stag=1", "--address", ray_head, timeout=60)
+    assert sub.returncode == 2 and "learner.zero_stag" in sub.stderr
