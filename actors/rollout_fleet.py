@@ -55,8 +55,10 @@ class WorkerSlot:
 
 
 class RolloutFleet:
-    def __init__(self, make_worker: Callable[[str], object], *, groups_per_worker: int, weight_sync_timeout_s: float = 300):
+    def __init__(self, make_worker: Callable[[str], object], *, groups_per_worker: int, weight_sync_timeout_s: float = 300,
+                 start_timeout_s: float = 600):
         self.make_worker = make_worker
+        self.start_timeout_s = start_timeout_s
         self.groups_per_worker = groups_per_worker
         self.weight_sync_timeout_s = weight_sync_timeout_s
         self.slots: dict[str, WorkerSlot] = {}
@@ -80,7 +82,15 @@ class RolloutFleet:
 
     async def _bring_up(self, slot: WorkerSlot) -> dict:
         """Wait until the actor answers, give it the current weights, put it in the rotation."""
-        slot.info = await slot.handle.info.remote()
+        try:
+            slot.info = await asyncio.wait_for(slot.handle.info.remote(), self.start_timeout_s)
+        except asyncio.TimeoutError:
+            self.slots.pop(slot.name, None)
+            ray.kill(slot.handle)
+            raise RuntimeError(
+                f"{slot.name} did not start within {self.start_timeout_s:.0f} s: the cluster may lack the resources "
+                "it asks for (rollout.num_cpus_per_worker / num_gpus_per_worker)"
+            ) from None
         if self.current is not None and slot.info.get("version") != self.current.version:
             await self._load(slot, self.current)
         slot.ready = True

@@ -57,9 +57,17 @@ def _port_free(port: int) -> bool:
             return False
 
 
+# Logical CPUs a local cluster keeps free so that `rapo scale` can add rollout workers.
+SCALE_HEADROOM_WORKERS = 4
+
+
 def needed_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for a local cluster: what the actors ask for, plus room to scale rollout out.
+
+    Ray's CPUs are bookkeeping, not pinning; vLLM and the learner size their own threads.
+    """
     need = (
-        cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+        (cfg.rollout.num_workers + SCALE_HEADROOM_WORKERS) * cfg.rollout.num_cpus_per_worker
         + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
         + cfg.rewards.num_actors * cfg.rewards.num_cpus_per_actor
     )

@@ -570,10 +570,11 @@ class Controller:
         }
 
     async def _write_actor_table(self) -> None:
-        table = await self.actors()
-        tmp = self.output_dir / "actors.json.tmp"
-        tmp.write_text(json.dumps(table, indent=2, default=str))
-        tmp.replace(self.output_dir / "actors.json")
+        """actors.json and status.json in the run folder, rewritten every step, for operators."""
+        for name, payload in (("actors.json", await self.actors()), ("status.json", self.status())):
+            tmp = self.output_dir / f"{name}.tmp"
+            tmp.write_text(json.dumps(payload, indent=2, default=str))
+            tmp.replace(self.output_dir / name)
 
     def _pipeline_metrics(self) -> dict[str, float]:
         out = {f"pipeline/{k}_groups": float(v) for k, v in self.counts.items()}

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,36 +35,37 @@ def group_alive(pgid: int) -> bool:
 
 
 class RapoProcess:
+    """The CLI in its own process group, its output in a file (a pipe nobody reads would block it)."""
+
     def __init__(self, args: list[str], env: dict | None = None):
-        self.log_path = None
         full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        self.log = tempfile.NamedTemporaryFile(prefix="rapo-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.pgid = self.proc.pid
-        self.output = ""
+
+    @property
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
 
     def wait(self, timeout: float) -> int:
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            out, _ = self.proc.communicate()
-            self.output += out or ""
-            raise AssertionError(f"rapo did not finish within {timeout} s:\n{self.output[-4000:]}")
-        self.output += out or ""
-        return self.proc.returncode
+            self.proc.wait()
+            raise AssertionError(f"rapo did not finish within {timeout} s:\n{self.output[-4000:]}") from None
 
     def wait_for_line(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.output += line
-            if needle in line:
+            if needle in self.output:
                 return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
         raise AssertionError(f"{needle!r} not printed within {timeout} s:\n{self.output[-4000:]}")
 
     def kill(self) -> None:
@@ -93,3 +95,4 @@ def rapo():
     yield start
     for p in started:
         p.kill()
+        os.unlink(p.log.name)
