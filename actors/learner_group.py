@@ -34,10 +34,15 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, cfg, model_dir: str, master_addr: str, master_port: int, per_rank_micro_batches: int, temperature: float) -> dict:
-        from learner.trainer import DistSpec, Trainer
+        if cfg.backend == "simulated":
+            from learner.sim_trainer import SimulatedTrainer
 
-        dist = DistSpec(self.rank, self.world_size, master_addr, master_port)
-        self.trainer = Trainer(cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature)
+            self.trainer = SimulatedTrainer(cfg.sim_step_s, self.rank)
+        else:
+            from learner.trainer import DistSpec, Trainer
+
+            dist = DistSpec(self.rank, self.world_size, master_addr, master_port)
+            self.trainer = Trainer(cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature)
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu": self.trainer.gpu}
 
     def train_step(self, plan: RankPlan) -> dict:

@@ -44,7 +44,7 @@ class RewardLabeller:
             return
         self.gate = asyncio.Semaphore(self.max_in_flight)
         if self.settings is not None:
-            from cluster.redis_server import async_client
+            from actors.redis_client import async_client
             from rewards.judge_client import JudgeClient, RedisJudgeCache
 
             cache = None

@@ -13,6 +13,7 @@ import ray
 
 from rollout.agent_loop import AgentLoop, EpisodeLimits, EpisodeSampling
 from rollout.engine import EngineSpec, create_engine
+from rollout.tools.base import DelayedBackend
 from rollout.tools.corpus import CorpusBackend
 from rollout.tools.toolbox import Toolbox
 from rollout.types import Question, Trajectory
@@ -38,9 +39,26 @@ class WeightRef:
     source: object = None
 
 
+def tool_backend(tools, documents, redis: tuple[str, str | None, str] | None):
+    """The ToolsConfig's backend: the offline corpus, or the web (with a Redis cache when there is Redis)."""
+    if tools.backend == "web":
+        from actors.redis_client import async_client
+        from rollout.tools.web import RedisToolCache, WebBackend
+
+        cache = None
+        if redis is not None:
+            url, password, namespace = redis
+            cache = RedisToolCache(async_client(url, password), f"{namespace}:webtools", tools.web.cache_ttl_s)
+        backend = WebBackend(tools.web, cache=cache)
+    else:
+        backend = CorpusBackend(documents, snippet_chars=tools.snippet_chars)
+    return DelayedBackend(backend, tools.latency_s) if tools.latency_s > 0 else backend
+
+
 @ray.remote
 class RolloutWorker:
-    def __init__(self, name: str, engine_kind: str, spec: EngineSpec, limits: EpisodeLimits, tools, documents, weights_dir: str):
+    def __init__(self, name: str, engine_kind: str, spec: EngineSpec, limits: EpisodeLimits, tools, documents, weights_dir: str,
+                 redis: tuple[str, str | None, str] | None = None):
         from transformers import AutoTokenizer
 
         self.name = name
@@ -48,8 +66,14 @@ class RolloutWorker:
         t0 = time.perf_counter()
         self.engine = create_engine(engine_kind, spec)
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
-        backend = CorpusBackend(documents, snippet_chars=tools.snippet_chars)
-        self.loop = AgentLoop(self.engine, Toolbox.from_config(tools, backend), tokenizer, limits)
+        self.backend = tool_backend(tools, documents, redis)
+        extractor = None
+        if tools.extractor is not None:
+            from rollout.tools.extractor import LLMExtractor
+
+            extractor = LLMExtractor(tools.extractor)
+        self.extractor = extractor
+        self.loop = AgentLoop(self.engine, Toolbox.from_config(tools, self.backend, extractor), tokenizer, limits)
         self.max_concurrency = spec.max_num_seqs
         self.startup_s = time.perf_counter() - t0
 
@@ -92,3 +116,6 @@ class RolloutWorker:
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+        await self.backend.close()
+        if self.extractor is not None:
+            await self.extractor.close()

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rewards.judge_client import JudgeSettings
+from rollout.tools.extractor import ExtractorSettings
+from rollout.tools.web import WebToolsSettings
 
 
 class ConfigError(ValueError):
@@ -82,8 +84,24 @@ class DataConfig(Section):
         return self
 
 
+class LatencyModelConfig(Section):
+    """GPU-scale timing for rollout.engine=simulated (rollout/sim_engine.py); the pipeline benchmark's model."""
+
+    per_token_s: float = Field(0.001, ge=0, description="decode time per generated token per sequence")
+    prefill_per_token_s: float = Field(0.00002, ge=0)
+    slots: int = Field(16, ge=1, description="sequences one worker decodes at once")
+    tokens_per_turn: int = Field(64, ge=1)
+    pareto_alpha: float = Field(1.3, gt=0, description="tail of the tool-calls-per-episode distribution")
+    min_tool_calls: int = Field(1, ge=0)
+    max_tool_calls: int = Field(24, ge=0)
+    weight_sync_s: float = Field(0.1, ge=0)
+
+
 class RolloutConfig(Section):
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: Literal["auto", "vllm", "transformers", "simulated"] = Field(
+        "auto", description="auto: vLLM if it imports, else transformers; simulated: the latency model (benchmarks)"
+    )
+    latency_model: LatencyModelConfig = Field(default_factory=LatencyModelConfig)
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
@@ -102,7 +120,12 @@ class RolloutConfig(Section):
 
 
 class ToolsConfig(Section):
-    backend: Literal["corpus"] = "corpus"
+    backend: Literal["corpus", "web"] = Field("corpus", description="corpus: offline BM25 pages; web: search API + fetch")
+    web: WebToolsSettings = Field(default_factory=WebToolsSettings)
+    extractor: ExtractorSettings | None = Field(
+        None, description="goal-directed extraction for query_url through an OpenAI-compatible LLM (else passage ranking)"
+    )
+    latency_s: float = Field(0.0, ge=0, description="added to every tool call (benchmarks: a web API's latency)")
     corpus_path: Path | None = Field(
         None, description="JSONL of {url, title, text} pages searched by the corpus backend (default: the demo world)"
     )
@@ -161,6 +184,10 @@ class RewardsConfig(Section):
 
 
 class LearnerConfig(Section):
+    backend: Literal["deepspeed", "simulated"] = Field(
+        "deepspeed", description="simulated: a step that only takes sim_step_s (pipeline benchmarks)"
+    )
+    sim_step_s: float = Field(1.0, ge=0, description="training step time of the simulated learner")
     algorithm: Literal["rapo", "grpo"] = Field(
         "rapo", description="rapo: advantage scaling + replay + pruning on; grpo: all three off (the ablation)"
     )

@@ -40,7 +40,7 @@ from actors.rollout_worker import EpisodeRequest
 from cluster.admission import Admission, StalenessPolicy
 from cluster.config import RunConfig, flatten
 from cluster.data import RunData, load_run_data
-from cluster.redis_server import async_client
+from actors.redis_client import async_client
 from cluster.run_metrics import reduce_learner, staleness_metrics, trajectory_metrics
 from cluster.tracking import Tracker, plot_curves
 from learner.batch import plan_step
@@ -192,10 +192,12 @@ class Controller:
             model_dir=Path(self.ctx.model_dir), dtype=self.rollout_dtype, max_model_len=r.max_model_len, seed=cfg.pipeline.seed,
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
             max_num_seqs=r.max_concurrent_episodes,
+            extra={"latency_model": r.latency_model.model_dump()} if self.engine_kind == "simulated" else {},
         )
         limits = EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
         options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker}
-        return rollout_worker_factory(options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir))
+        redis = (self.ctx.redis_url, self.ctx.redis_password, self.ctx.namespace)
+        return rollout_worker_factory(options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir, redis))
 
     def _new_learner(self) -> LearnerGroup:
         lc = self.cfg.learner
@@ -637,7 +639,7 @@ class Controller:
             "steps": len(steps),
             "episodes": c["trained"] * n,
             "engine": self.engine_kind,
-            "learner": "deepspeed",
+            "learner": "deepspeed" if cfg.learner.backend == "deepspeed" else cfg.learner.backend,
             "zero_stage": cfg.learner.zero_stage,
             "learner_ranks": cfg.learner.num_ranks,
             "rollout_workers": self.fleet.size if self.fleet else 0,

@@ -32,7 +32,8 @@ def load_run_data(cfg: RunConfig) -> RunData:
             train, heldout = questions, load_questions_jsonl(d.eval_path)
         else:
             train, heldout = split_questions(questions, 0.2, d.seed)
-        documents = load_corpus_jsonl(cfg.tools.corpus_path)
+        # The web backend searches the web: no local pages.
+        documents = load_corpus_jsonl(cfg.tools.corpus_path) if cfg.tools.backend == "corpus" else []
     if len(train) < cfg.pipeline.questions_per_step:
         raise ValueError(
             f"{len(train)} training questions, fewer than pipeline.questions_per_step={cfg.pipeline.questions_per_step}"

@@ -59,7 +59,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_engine_kind(requested: Literal["auto", "vllm", "transformers"]) -> str:
+def resolve_engine_kind(requested: Literal["auto", "vllm", "transformers", "simulated"]) -> str:
     if requested == "auto":
         return "vllm" if vllm_available() else "transformers"
     if requested == "vllm" and not vllm_available():
@@ -71,6 +71,10 @@ def resolve_engine_kind(requested: Literal["auto", "vllm", "transformers"]) -> s
 
 
 def create_engine(kind: str, spec: EngineSpec) -> Engine:
+    if kind == "simulated":
+        from rollout.sim_engine import SimulatedEngine
+
+        return SimulatedEngine(spec)
     if kind == "vllm":
         from rollout.vllm_engine import VLLMEngine
 

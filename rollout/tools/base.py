@@ -6,6 +6,7 @@ model tool calls into calls on it and formats the results for the model.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,3 +35,22 @@ class ToolBackend(Protocol):
     async def fetch(self, url: str) -> Page: ...
 
     async def close(self) -> None: ...
+
+
+class DelayedBackend:
+    """Adds a fixed latency to every call of a backend: a web API's round trip, for benchmarks."""
+
+    def __init__(self, backend: ToolBackend, latency_s: float):
+        self.backend = backend
+        self.latency_s = latency_s
+
+    async def search(self, query: str, top_k: int) -> list[SearchHit]:
+        await asyncio.sleep(self.latency_s)
+        return await self.backend.search(query, top_k)
+
+    async def fetch(self, url: str) -> Page:
+        await asyncio.sleep(self.latency_s)
+        return await self.backend.fetch(url)
+
+    async def close(self) -> None:
+        await self.backend.close()

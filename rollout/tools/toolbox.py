@@ -52,15 +52,18 @@ class Toolbox:
         max_top_k: int = 10,
         page_chars: int = 15000,
         passages_per_query: int = 2,
+        extractor=None,
     ):
         self.backend = backend
+        # An LLMExtractor (goal-directed evidence through an LLM) or None for passage ranking.
+        self.extractor = extractor
         self.default_top_k = default_top_k
         self.max_top_k = max_top_k
         self.page_chars = page_chars
         self.passages_per_query = passages_per_query
 
     @classmethod
-    def from_config(cls, cfg, backend: ToolBackend) -> "Toolbox":
+    def from_config(cls, cfg, backend: ToolBackend, extractor=None) -> "Toolbox":
         """From a ToolsConfig section (duck-typed: this package does not import the cluster config)."""
         return cls(
             backend,
@@ -68,6 +71,7 @@ class Toolbox:
             max_top_k=cfg.max_top_k,
             page_chars=cfg.page_chars,
             passages_per_query=cfg.passages_per_query,
+            extractor=extractor,
         )
 
     async def call(self, parsed: ParsedCall | ToolCallError, turn: int) -> ToolCall:
@@ -102,7 +106,10 @@ class Toolbox:
     async def _query(self, args: QueryArgs, turn: int) -> ToolCall:
         page = await self.backend.fetch(args.url)
         text = page.text[: self.page_chars]
-        passages = rank_passages(text, args.goal, self.passages_per_query)
-        body = "\n".join(passages) if passages else "The page has no text."
-        result = f"{page.title}\n{body}"
+        if self.extractor is not None:
+            body = await self.extractor.extract(text, args.goal) or "The page has no text."
+        else:
+            passages = rank_passages(text, args.goal, self.passages_per_query)
+            body = "\n".join(passages) if passages else "The page has no text."
+        result = f"{page.title}\n{body}" if page.title else body
         return ToolCall("query_url", {"url": args.url, "goal": args.goal}, result=result, urls=[page.url], turn=turn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from cluster.redis_server import async_client
+from actors.redis_client import async_client
 from learner.group_stream import GroupStream
 from learner.groups import ScoredGroup
 from rollout.types import ToolCall, Trajectory

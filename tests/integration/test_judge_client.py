@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cluster.redis_server import async_client
+from actors.redis_client import async_client
 from rewards.answer import rule_judge
 from rewards.formulas import EXPLORATION, REDUNDANTQUERY, REDUNDANTSEARCH, UNIQUESEARCH, VERIFICATION
 from rewards.judge_client import JudgeClient, JudgeConfigError, JudgeSettings, JudgeUnavailableError, RedisJudgeCache, judgement_key

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from cluster.redis_server import async_client
+from actors.redis_client import async_client
 from rollout.chat_format import ParsedCall
 from rollout.tools.base import Page, SearchHit, ToolError
 from rollout.tools.extractor import ExtractorSettings, LLMExtractor, clean_answer

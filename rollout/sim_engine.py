@@ -1,0 +1,83 @@
+"""A latency-model engine: GPU-scale generation timing without a model, for pipeline benchmarks.
+
+It answers the agent loop with well-formed turns (a search call, or a final answer) and spends
+time like a GPU engine would: a prefill cost per new prompt token and a decode cost per
+generated token, with at most ``slots`` sequences decoding at once. How many tool calls an
+episode makes is drawn from a heavy-tailed (Pareto) distribution, seeded per episode, as the
+paper's multi-turn episodes are long-tailed. Everything real around it (the agent loop,
+tools, Ray, Redis, rewards, the controller) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from rollout.chat_format import IM_END, IM_START
+from rollout.engine import EngineSpec, Generation, SamplingConfig
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    per_token_s: float = 0.001
+    prefill_per_token_s: float = 0.00002
+    slots: int = 16
+    tokens_per_turn: int = 64
+    pareto_alpha: float = 1.3
+    min_tool_calls: int = 1
+    max_tool_calls: int = 24
+    weight_sync_s: float = 0.1
+
+    def tool_calls(self, key: str) -> int:
+        """Heavy-tailed count: min * U^(-1/alpha), capped; deterministic in ``key``."""
+        u = (int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") + 1) / 2**64
+        return min(self.max_tool_calls, int(math.floor(self.min_tool_calls * u ** (-1.0 / self.pareto_alpha))))
+
+    def decode_s(self) -> float:
+        return self.tokens_per_turn * self.per_token_s
+
+
+class SimulatedEngine:
+    name = "simulated"
+
+    def __init__(self, spec: EngineSpec):
+        from transformers import AutoTokenizer
+
+        self.model = LatencyModel(**spec.extra.get("latency_model", {}))
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        self.slots = asyncio.Semaphore(self.model.slots)
+        self.version = 0
+        self.decode_seconds = 0.0
+
+    def _plan(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[int, int]:
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        turn = text.count(f"{IM_START}assistant\n") - 1
+        question = text.split(f"{IM_START}user\n", 1)[-1].split(IM_END, 1)[0]
+        # The loop seeds each turn with seed + turn: undo that to key the episode, not the turn.
+        base = "eval" if sampling.seed is None else str(sampling.seed - turn)
+        return turn, self.model.tool_calls(f"{question}/{base}")
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> Generation:
+        turn, calls = self._plan(prompt_ids, sampling)
+        if turn < calls:
+            call = {"name": "search_urls", "arguments": {"query": f"step {turn} of {request_id}"}}
+            text = f"<think>searching</think>\n<tool_call>{json.dumps(call)}</tool_call>"
+        else:
+            text = "<think>done</think>\n\\boxed{unknown}"
+        ids = list(self.tokenizer.encode(text + IM_END, add_special_tokens=False))
+        version_start = self.version
+        async with self.slots:
+            seconds = len(prompt_ids) * self.model.prefill_per_token_s * (turn == 0) + self.model.decode_s()
+            await asyncio.sleep(seconds)
+            self.decode_seconds += self.model.decode_s()
+        return Generation(ids, [-1.0] * len(ids), "stop", version_start, self.version)
+
+    async def load_weights(self, path: str, version: int) -> None:
+        await asyncio.sleep(self.model.weight_sync_s)
+        self.version = version
+
+    async def shutdown(self) -> None:
+        return None
