@@ -48,14 +48,22 @@ class SimulatedEngine:
 
         self.model = LatencyModel(**spec.extra.get("latency_model", {}))
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        self.im_start = self.tokenizer.convert_tokens_to_ids(IM_START)
+        self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        self.assistant = list(self.tokenizer.encode("assistant\n", add_special_tokens=False))
         self.slots = asyncio.Semaphore(self.model.slots)
         self.version = 0
         self.decode_seconds = 0.0
 
     def _plan(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[int, int]:
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        turn = text.count(f"{IM_START}assistant\n") - 1
-        question = text.split(f"{IM_START}user\n", 1)[-1].split(IM_END, 1)[0]
+        # Token-level scans: decoding the whole (growing) prompt every turn would cost more CPU
+        # than the latency being modelled.
+        k = len(self.assistant)
+        starts = [i for i, t in enumerate(prompt_ids) if t == self.im_start]
+        turn = sum(1 for i in starts if prompt_ids[i + 1 : i + 1 + k] == self.assistant) - 1
+        user = starts[1] if len(starts) > 1 else 0
+        end = prompt_ids.index(self.im_end, user) if self.im_end in prompt_ids[user:] else len(prompt_ids)
+        question = self.tokenizer.decode(prompt_ids[user:end])
         # The loop seeds each turn with seed + turn: undo that to key the episode, not the turn.
         base = "eval" if sampling.seed is None else str(sampling.seed - turn)
         return turn, self.model.tool_calls(f"{question}/{base}")
