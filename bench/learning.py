@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--algorithms", nargs="+", choices=["rapo", "grpo"], default=["rapo", "grpo"])
     parser.add_argument("--out", default="runs/bench-learning")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
@@ -120,7 +121,7 @@ def main() -> None:
 
     summaries, data = {}, {}
     for seed in args.seeds:
-        for algorithm in ("rapo", "grpo"):
+        for algorithm in args.algorithms:
             summaries[(algorithm, seed)] = run_one(out, algorithm, seed, args)
             data[(algorithm, seed)] = curves(out / f"{algorithm}-seed{seed}")
     csv_path, png_path = out / "learning_curves.csv", out / "learning_curves.png"
@@ -131,11 +132,14 @@ def main() -> None:
     print(f"curves: {csv_path}\nplot:   {png_path}")
     lines = []
     for seed in args.seeds:
-        r, g = summaries[("rapo", seed)], summaries[("grpo", seed)]
-        line = (f"rapo_acc_initial={r['accuracy_initial']:.3f} rapo_acc_final={r['accuracy_final']:.3f} "
-                f"grpo_acc_final={g['accuracy_final']:.3f}")
-        print(f"data.seed={seed}: {line}  (grpo_acc_initial={g['accuracy_initial']:.3f}, "
-              f"replay injections {r['replay_injections']}, pruned {r['pruned_questions']})")
+        first = summaries[(args.algorithms[0], seed)]
+        line = f"{args.algorithms[0]}_acc_initial={first['accuracy_initial']:.3f}"
+        for algorithm in args.algorithms:
+            line += f" {algorithm}_acc_final={summaries[(algorithm, seed)]['accuracy_final']:.3f}"
+        extra = ", ".join(f"{a} wall {summaries[(a, seed)]['wall_time_s']:.0f} s, replay injections "
+                          f"{summaries[(a, seed)]['replay_injections']}, pruned {summaries[(a, seed)]['pruned_questions']}"
+                          for a in args.algorithms)
+        print(f"data.seed={seed}: {line}  ({extra})")
         lines.append(line)
     print(lines[0])
 

@@ -216,6 +216,7 @@ class Controller:
                 self.phase = "evaluating (final)"
                 await self._evaluate(self.step)
             await self._checkpoint(self.step)
+            await self._export_policy()
             summary = await self._summary("completed")
             self._finish(summary, "FINISHED")
             return summary
@@ -280,6 +281,7 @@ class Controller:
             for i in range(p.samples_per_question)
         ]
         try:
+            t0 = time.perf_counter()
             while True:
                 try:
                     trajs = await self.fleet.run_group(requests, group.group_id)
@@ -287,9 +289,13 @@ class Controller:
                 except WorkerLost:
                     # Its worker died mid-episode: run the whole group again elsewhere.
                     self.counts["reruns"] += 1
+            t1 = time.perf_counter()
             report = await self.rewards.score(trajs, self.questions)
             self.judge_report.update({k: v for k, v in report.metrics().items() if isinstance(v, (int, float))})
-            scored = ScoredGroup(q.id, sorted(trajs, key=lambda t: t.sample_index), group.group_id, group.epoch)
+            scored = ScoredGroup(
+                q.id, sorted(trajs, key=lambda t: t.sample_index), group.group_id, group.epoch,
+                generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
+            )
             await self._assemble(scored)
             await self.stream.publish(scored)
         except asyncio.CancelledError:
@@ -371,6 +377,10 @@ class Controller:
             metrics.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())})
             metrics.update(train)
             metrics.update({
+                # Per group (they overlap each other and, when async, training): how long its
+                # episodes took to generate and to label. wait_s is what the learner idled for.
+                "time/generate_s": float(np.mean([g.generate_s for _, g in entries])),
+                "time/reward_s": float(np.mean([g.reward_s for _, g in entries])),
                 "time/wait_s": t_wait, "time/train_s": t_train, "time/weight_sync_s": t_sync,
                 "time/step_s": time.perf_counter() - t_step,
             })
@@ -441,6 +451,19 @@ class Controller:
         ref = await self.learner.publish(self.ctx.weights_dir, self.version, self.rollout_dtype)
         await self.fleet.sync_weights(ref)
         return time.perf_counter() - t0
+
+    async def _export_policy(self) -> None:
+        """The final policy as a model folder (`rapo eval`, vLLM or transformers load it): the
+        weights the rollout workers ran, beside the base model's config and tokenizer files."""
+        self.phase = "exporting the policy"
+        target = self.output_dir / "policy"
+        target.mkdir(exist_ok=True)
+        ref = await self.learner.publish(str(target), self.version, self.rollout_dtype)
+        Path(ref.path).replace(target / "model.safetensors")
+        for f in Path(self.ctx.model_dir).iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".gguf")) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, target / f.name)
+        (target / "rapo_policy.json").write_text(json.dumps({"run_id": self.ctx.run_id, "step": self.step, "version": self.version}))
 
     async def _ack(self) -> None:
         await self.stream.ack(self.unacked)

@@ -17,6 +17,7 @@ def encode_group(group: ScoredGroup) -> dict[bytes, bytes]:
     fields: dict[bytes, bytes] = {
         b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode(),
         b"gid": group.group_id.encode(), b"epoch": str(group.epoch).encode(),
+        b"generate_s": repr(group.generate_s).encode(), b"reward_s": repr(group.reward_s).encode(),
     }
     for i, member in enumerate(group.members):
         for key, value in member.to_wire().items():
@@ -30,7 +31,10 @@ def decode_group(fields: dict[bytes, bytes]) -> ScoredGroup:
     for i in range(n):
         prefix = f"{i}:".encode()
         members.append(Trajectory.from_wire({k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}))
-    return ScoredGroup(fields[b"qid"].decode(), members, fields.get(b"gid", b"").decode(), int(fields.get(b"epoch", b"0")))
+    return ScoredGroup(
+        fields[b"qid"].decode(), members, fields.get(b"gid", b"").decode(), int(fields.get(b"epoch", b"0")),
+        generate_s=float(fields.get(b"generate_s", b"0")), reward_s=float(fields.get(b"reward_s", b"0")),
+    )
 
 
 class GroupStream:

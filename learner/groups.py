@@ -21,6 +21,9 @@ class ScoredGroup:
     epoch: int = 0
     # Below 1 for an over-stale group that is down-weighted rather than dropped (not stored).
     weight: float = 1.0
+    # Wall time the group spent in generation (all its episodes) and in reward labelling.
+    generate_s: float = 0.0
+    reward_s: float = 0.0
 
     @property
     def version_start(self) -> int:

@@ -30,8 +30,10 @@ def _port() -> int:
 def ray_head(tmp_path):
     gcs, dash = _port(), _port()
     temp = Path("/tmp") / f"rapo-head-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # A job's entrypoint runs `python` from the head's PATH, as on a cluster image where the
+    # project is installed: put this environment's interpreter first (CI does not activate it).
     ray_bin = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true"],

@@ -65,8 +65,13 @@ def test_one_rank_and_two_ranks_agree(tiny_model_dir, tmp_path, stage):
     loss2, w2 = _step(tiny_model_dir, 2, stage, tmp_path)
     assert loss1 == pytest.approx(loss2, rel=1e-5, abs=1e-7)
     assert w1.keys() == w2.keys() and "lm_head.weight" in w1
+    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order rounding between one and two
+    # ranks is amplified into a visible share of one step (lr = 1e-3), so bound the worst element by
+    # a tenth of a step and the typical one tightly.
     for name in w1:
-        assert (w1[name] - w2[name]).abs().max().item() < 1e-5, name
+        diff = (w1[name] - w2[name]).abs()
+        assert diff.max().item() < 1e-4, name
+        assert diff.mean().item() < 1e-6, name
     # The step changed the weights at all (an all-zero update would pass the comparison trivially).
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max((w1[k] - base[k]).abs().max().item() for k in base) > 1e-4
