@@ -82,7 +82,8 @@ class LearnerGroup:
         self.cfg = cfg
         self.world_size = cfg.num_ranks
         self.workers = [
-            LearnerWorker.options(name=f"learner-{r}", num_cpus=num_cpus, num_gpus=num_gpus).remote(r, self.world_size)
+            LearnerWorker.options(name=f"learner-{r}", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(cfg.resources) or None)
+            .remote(r, self.world_size)
             for r in range(self.world_size)
         ]
         self.run_id = run_id

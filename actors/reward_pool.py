@@ -122,7 +122,10 @@ class RewardPool:
         """``cfg`` is the RewardsConfig section."""
         spec = cfg.spec()
         actors = [
-            RewardLabeller.options(name=f"judge-{i}", num_cpus=cfg.num_cpus_per_actor, max_restarts=-1, max_task_retries=0).remote(
+            RewardLabeller.options(
+                name=f"judge-{i}", num_cpus=cfg.num_cpus_per_actor, resources=dict(cfg.resources) or None, max_restarts=-1,
+                max_task_retries=0,
+            ).remote(
                 f"judge-{i}", spec, cfg.judge, cfg.uses_llm_labels(), redis_url if cfg.cache else None, redis_password,
                 namespace, cfg.max_in_flight_per_actor,
             )

@@ -105,6 +105,7 @@ class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each worker asks for, e.g. {rollout: 1} to land in a KubeRay worker group")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU (exact logprobs), bfloat16 on GPU"
     )
@@ -159,6 +160,7 @@ class RewardsConfig(Section):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     num_actors: int = Field(2, ge=1, description="reward-labeller actors (judge-N)")
     num_cpus_per_actor: float = Field(0.1, ge=0, description="they mostly wait on HTTP")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each actor asks for, e.g. {judge: 1} to land in a KubeRay worker group")
     max_in_flight_per_actor: int = Field(32, ge=1, description="trajectories one actor judges concurrently")
     chunk_size: int = Field(4, ge=1, description="trajectories per call to an actor")
     cache: bool = Field(True, description="cache LLM judgements in Redis by a hash of the judged content")
@@ -203,6 +205,7 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each rank asks for, e.g. {learner: 1} to land in a KubeRay worker group")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per rank (default: the node's cores / ranks; Ray would give 1)"
     )

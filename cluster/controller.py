@@ -195,7 +195,7 @@ class Controller:
             extra={"latency_model": r.latency_model.model_dump()} if self.engine_kind == "simulated" else {},
         )
         limits = EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
-        options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker}
+        options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker, "resources": dict(r.resources) or None}
         redis = (self.ctx.redis_url, self.ctx.redis_password, self.ctx.namespace)
         return rollout_worker_factory(options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir, redis))
 

@@ -177,6 +177,17 @@ def test_learner_ranks_fit_one_learner_pod(groups):
     assert cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker <= rollout_gpus * groups["rollout"]["maxReplicas"]
 
 
+@pytest.mark.parametrize(("section", "group"), [("rollout", "rollout"), ("learner", "learner"), ("rewards", "judge")])
+def test_example_config_pins_each_actor_kind_to_its_worker_group(groups, section, group):
+    """Without the custom resource an actor may land on any node (a learner rank on a rollout pod)."""
+    asked = getattr(load_config(DEPLOY / "configs" / "cluster-example.yaml"), section).resources
+    offered = custom_resources(groups[group]["rayStartParams"])
+    assert set(asked) == {group}, f"{section}.resources should ask for exactly {{{group!r}: ...}}, got {asked}"
+    assert 0 < asked[group] <= offered[group], f"one {section} actor must fit a {group} pod ({asked} vs {offered})"
+    others = [g for g in groups if g != group]
+    assert all(group not in custom_resources(groups[g]["rayStartParams"]) for g in others)
+
+
 def test_judge_service_selects_the_judge_pods(groups):
     docs = load_docs(KUBERAY / "judge-service.yaml")
     svc = find(docs, "Service", "rapo-judge")
