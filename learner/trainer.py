@@ -87,7 +87,8 @@ class Trainer:
         init_distributed(dist, self.gpu)
         torch.manual_seed(1234 + dist.rank)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Pad positions are masked out of every loss term, so any valid id will do.
+        self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
