@@ -56,7 +56,13 @@ class StalenessPolicy:
     histogram: Counter = field(default_factory=Counter)
 
     def weight(self, lag: int) -> float:
-        """1 for fresh samples, 0 (drop) or ``downweight`` for over-stale ones; records the lag."""
+        """1 for fresh samples, 0 (drop) or ``downweight`` for over-stale ones; records the lag.
+
+        A negative lag is a group from weights that no longer exist (a crashed run trained past its
+        last checkpoint, which the resumed run continues from): it is always dropped and re-run.
+        """
+        if lag < 0:
+            return 0.0
         self.histogram[lag] += 1
         if lag <= self.max_staleness:
             return 1.0

@@ -167,7 +167,9 @@ class Controller:
             self.phase = "restoring checkpoint"
             await self.learner.load_checkpoint(str(self.output_dir / "checkpoints"), resumed["tag"])
             await self._restore_pipeline(resumed)
-            self.version += 1  # the restored weights go out as a new version; versions never go back
+            # The new workers get the checkpoint's weights under the checkpoint's version, so groups
+            # it left in the stream stay as fresh as they were (their lag is what the uninterrupted
+            # run would see); groups from later, lost versions have a negative lag and are re-run.
             await self._publish_weights()
         self.tracker = Tracker(self.ctx.tracking_uri, cfg.tracking.experiment, self.output_dir)
         self.mlflow_run_id = self.tracker.start(
@@ -574,7 +576,9 @@ class Controller:
         in_flight = [PendingGroup(**g) for g in state["in_flight"]]
         published = await self.stream.was_published([g.group_id for g in in_flight])
         self.requeue.extend(g for g, done in zip(in_flight, published) if not done)
-        self.admission.finished = await self.stream.depth()
+        # Produced groups are the trained ones and those still in the stream (re-read or new): the
+        # admission bound counts both, or the resumed run would start groups too early (too stale).
+        self.admission.finished = self.counts["trained"] + await self.stream.depth()
 
     # ---- live changes and reporting -----------------------------------------------------------------
     async def scale(self, rollout_workers: int) -> dict:
