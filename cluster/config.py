@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.redact import mask_url_passwords
 from rewards.judge_client import JudgeSettings
 from rollout.tools.extractor import ExtractorSettings
 from rollout.tools.web import WebToolsSettings
@@ -265,10 +267,19 @@ class PipelineConfig(Section):
 
 
 class RedisConfig(Section):
-    url: str | None = Field(None, description="redis://[:password@]host:port/db; unset starts a local server")
+    url: str | None = Field(None, description="redis://host:port/db (or rediss://); unset starts a local server")
     password_env: str = Field("RAPO_REDIS_PASSWORD", description="env var holding the password of `url`")
     namespace: str | None = Field(None, description="key prefix; defaults to the run id")
     executable: str = "redis-server"
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, url: str | None) -> str | None:
+        # The config is saved with the run and logged to MLflow: a password in it would leak.
+        if url is not None and urlsplit(url).password:
+            raise ValueError("a password in redis.url would be saved with the run; put it in the environment "
+                             "variable named by redis.password_env (default RAPO_REDIS_PASSWORD) instead")
+        return url
 
 
 class RayConfig(Section):
@@ -343,7 +354,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {path}: unknown key (check the spelling; see deploy/configs/demo.yaml)")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {mask_url_passwords(repr(got))})"
             lines.append(f"  {path}: {e['msg']}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 

@@ -7,11 +7,10 @@ refuses a plain ./mlruns file store by default), with artifacts beside it.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
-SECRET_KEY = re.compile(r"(password|secret|token|api_key|apikey)", re.IGNORECASE)
+from cluster.redact import SECRET_KEY, mask_url_passwords
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -19,12 +18,12 @@ def default_tracking_uri(output_dir: Path) -> str:
 
 
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
-    """Config params for MLflow with anything secret-looking dropped, values stringified and clipped."""
+    """Config params for MLflow with anything secret-looking dropped or masked, values stringified and clipped."""
     out = {}
     for key, value in params.items():
-        if SECRET_KEY.search(key):
+        if SECRET_KEY.search(key) and value is not None and not isinstance(value, bool):
             continue
-        out[key] = str(value)[:500]
+        out[key] = mask_url_passwords(str(value))[:500]
     return out
 
 

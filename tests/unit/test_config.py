@@ -78,3 +78,11 @@ def test_flatten_gives_dotted_keys():
     flat = flatten(RunConfig())
     assert flat["learner.zero_stage"] == RunConfig().learner.zero_stage
     assert "redis.url" in flat and all("." in k for k in flat if k != "name")
+
+
+def test_a_password_in_the_redis_url_is_refused_without_echoing_it():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["redis.url=redis://:hunter2-secret@10.0.0.5:6379/0"])
+    assert "redis.url" in str(e.value) and "RAPO_REDIS_PASSWORD" in str(e.value)
+    assert "hunter2-secret" not in str(e.value)
+    assert load_config(None, ["redis.url=redis://10.0.0.5:6379/0"]).redis.url == "redis://10.0.0.5:6379/0"
