@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from cluster import ray_metrics
 from rewards.scoring import RewardSpec, Score, apply_score, score_trajectory
 from rollout.types import Question, Trajectory
 
@@ -37,6 +38,7 @@ class RewardLabeller:
         self.judge = None
         self.gate: asyncio.Semaphore | None = None
         self.scored = 0
+        self.failures_seen: dict[str, int] = {}  # judge failures by reason already on the metrics
 
     async def _ready(self) -> None:
         # Clients bind to the running event loop, so they are made in it, on first use.
@@ -61,6 +63,9 @@ class RewardLabeller:
 
         results = await asyncio.gather(*(one(*item) for item in items))
         self.scored += len(results)
+        # Dashboard: recorded here, in the process that judges (rapo_judge_latency_seconds, rapo_judge_errors_total).
+        failures = ray_metrics.new_counts(self.judge.stats.failures, self.failures_seen) if self.judge is not None else {}
+        ray_metrics.record_judge([score.latency_s for _, score in results], failures)
         return list(results)
 
     async def stats(self) -> dict[str, float]:
@@ -176,6 +181,7 @@ class RewardPool:
                         scored = future.result()
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                         report.actor_failures += 1
+                        ray_metrics.record_judge(errors={"actor_failure": 1})
                         if tries + 1 >= self.max_attempts:
                             raise RuntimeError(f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}") from e
                         report.resubmitted += len(items)

@@ -1,8 +1,15 @@
 """Start (or join) what a run needs: Ray and Redis. Whatever this process started, it stops.
 
-With no `ray.address` a local Ray starts with its dashboard on loopback; with no `redis.url`
-a private Redis server starts on loopback with a random password and AOF under the run
-folder. Both are torn down on normal exit, on error and on Ctrl-C / SIGTERM.
+With no `ray.address` a local Ray starts with its dashboard on loopback and its Prometheus
+metrics (Ray's and rapo's custom ray_rapo_* ones, cluster/ray_metrics.py) on a free port; with
+no `redis.url` a private Redis server starts on loopback with a random password and AOF under
+the run folder. Both are torn down on normal exit, on error and on Ctrl-C / SIGTERM.
+
+Ray's metrics agent binds its endpoint to 127.0.0.1 only on a node whose IP is loopback, and
+Ray never gives a node a loopback IP on Linux (that would break every `ray.init(address="auto")`
+from another process, `rapo scale` and `rapo status` included): so on a local cluster the
+endpoint listens on all interfaces, like Ray's own GCS and raylet ports. It serves read-only
+metrics; the dashboard (which can run jobs) stays on `ray.dashboard_host`.
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cluster.config import RunConfig
+from cluster.ray_metrics import endpoints
 from cluster.redis_server import RedisServer, start_redis
 
 ACTOR_ENV = {
@@ -39,12 +46,11 @@ class Services:
     node_id: str
     redis_server: RedisServer | None = None
     ray_started: bool = False
+    # Prometheus text of this node's metrics (Ray's and rapo's ray_rapo_*), e.g. http://10.0.0.5:PORT/metrics.
+    metrics_url: str | None = None
 
 
 def resolve_redis_password(cfg: RunConfig) -> str | None:
-    url = urlsplit(cfg.redis.url or "")
-    if url.password:
-        return None  # redis-py reads it from the URL
     return os.environ.get(cfg.redis.password_env)
 
 
@@ -99,10 +105,10 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | N
     if cfg.ray.address:
         info = ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
         return False, info.dashboard_url
+    from cluster.redis_server import free_port
+
     port = cfg.ray.dashboard_port
     if port and not _port_free(port):
-        from cluster.redis_server import free_port
-
         port = free_port()
     info = ray.init(
         address="local",
@@ -113,6 +119,8 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | N
         namespace=cfg.ray.namespace,
         runtime_env=env,
         log_to_driver=log_to_driver,
+        # Ray's metrics agent binds it on every interface: free there, not only on loopback.
+        _metrics_export_port=free_port(""),
     )
     return True, info.dashboard_url
 
@@ -135,7 +143,8 @@ def services(cfg: RunConfig, output_dir: Path, log=print, log_to_driver: bool = 
         # ray.init installs its own SIGTERM handler, which exits without our clean-up: take it back.
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
         node_id = ray.get_runtime_context().get_node_id()
-        yield Services(url, password, f"http://{dashboard}" if dashboard else None, node_id, server, ray_started)
+        yield Services(url, password, f"http://{dashboard}" if dashboard else None, node_id, server, ray_started,
+                       endpoints()["metrics_url"])
     finally:
         try:
             if ray.is_initialized():
