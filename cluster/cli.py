@@ -99,6 +99,8 @@ def cmd_run(args) -> int:
         with services(cfg, output_dir, log=_log) as svc:
             if svc.dashboard_url:
                 _log(f"ray dashboard: {svc.dashboard_url}")
+            if svc.metrics_url:
+                _log(f"prometheus metrics (ray_rapo_*): {svc.metrics_url}")
             ctx = RunContext(
                 run_id=run_id, output_dir=str(output_dir), model_dir=str(model_dir), redis_url=svc.redis_url,
                 redis_password=svc.redis_password, namespace=cfg.redis.namespace or run_id,
@@ -136,6 +138,32 @@ def cmd_run(args) -> int:
     print(json.dumps(summary, indent=2))
     _log(f"summary: {output_dir / 'summary.json'}")
     return 0 if summary.get("status") == "completed" else 1
+
+
+def cmd_eval(args) -> int:
+    """Play a policy on a question set (the run's held-out eval, in this process) and report its accuracy."""
+    from cluster.evaluate import default_output, resolve_config_path, run_eval
+    from rewards.judge_client import JudgeConfigError
+    from rollout.dataset import DatasetError
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        console.print(f"[red]error:[/] {model_dir} is not a model folder (no config.json)")
+        return 2
+    config = resolve_config_path(model_dir, args.config)
+    _log(f"config: {config or 'built-in defaults'}")
+    cfg = _load(str(config) if config else None, args.overrides)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up chatter would bury the progress bar
+    try:
+        summary = run_eval(cfg, model_dir, data=args.data, output=Path(args.output or default_output()), console=console, log=_log)
+    except (DatasetError, JudgeConfigError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def cmd_serve_judge(args) -> int:
@@ -285,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("job_id")
     stop.add_argument("--address", required=True)
     stop.set_defaults(func=cmd_stop)
+
+    evaluate = sub.add_parser(
+        "eval", help="run a policy on a question set and report accuracy, tool calls and response tokens per question"
+    )
+    evaluate.add_argument("model_dir", help="a model folder, e.g. RUN/policy (the final policy of `rapo run`)")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. rewards.judge.base_url=URL")
+    evaluate.add_argument(
+        "--config", help="YAML config (default: RUN/config.yaml for RUN/policy, else deploy/configs/demo.yaml)"
+    )
+    evaluate.add_argument(
+        "--data", metavar="FILE.jsonl", help='questions {"id"?, "question", "answer", "aliases"?} (default: the config\'s held-out set)'
+    )
+    evaluate.add_argument(
+        "--output", metavar="FILE", help="per-question results JSONL (default: rapo-eval-<time>.jsonl); the summary "
+        "goes beside it (r.jsonl -> r.summary.json)"
+    )
+    evaluate.set_defaults(func=cmd_eval)
 
     judge = sub.add_parser(
         "serve-judge", help="serve a judge model with vLLM's OpenAI-compatible server (extra vLLM flags after --)"

@@ -24,13 +24,19 @@ class DatasetError(ValueError):
     """A question file that cannot be used as is; the message says where and what to fix."""
 
 
+_JSON_TYPES = {bool: "a boolean", list: "an array", dict: "an object"}
+
+
 def _text_field(row: dict[str, Any], field: str, where: str, why: str) -> str:
     value = row.get(field)
     # JSON numbers are fine as answers ("1432"); booleans are almost surely a wrong column.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.strip():
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise DatasetError(f"{where}: field {field!r} is missing or empty; {why}")
+    if not isinstance(value, str):
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise DatasetError(f"{where}: field {field!r} must be a string (or a number), got {got} {json.dumps(value)[:60]}")
     return value.strip()
 
 

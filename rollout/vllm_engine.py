@@ -105,4 +105,8 @@ class VLLMEngine:
                 await self._llm.resume_generation()
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
+        if self._llm is not None:
+            self._llm.shutdown()
+            # Dropped now: an engine still referenced at interpreter exit is shut down again by
+            # AsyncLLM's finaliser, which fails noisily once module globals are gone.
+            self._llm = None
