@@ -18,7 +18,6 @@ at the end; `lost_episodes` in the summary checks that bookkeeping.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -36,11 +35,13 @@ import ray
 from actors.learner_group import LearnerGroup
 from actors.reward_pool import RewardPool
 from actors.rollout_fleet import RolloutFleet, WorkerLost, rollout_worker_factory
-from actors.rollout_worker import EpisodeRequest
+from actors.rollout_worker import EpisodeRequest, episode_seed
 from cluster.admission import Admission, StalenessPolicy
 from cluster.config import RunConfig, flatten
 from cluster.data import RunData, load_run_data
+from cluster.evaluate import engine_spec, episode_limits, eval_requests, eval_row, rollout_dtype
 from actors.redis_client import async_client
+from cluster import ray_metrics
 from cluster.run_metrics import reduce_learner, staleness_metrics, trajectory_metrics
 from cluster.tracking import Tracker, plot_curves
 from learner.batch import plan_step
@@ -49,8 +50,7 @@ from learner.groups import ScoredGroup, batch_samples, inject_replays
 from learner.pruning import PruningState
 from learner.replay_buffer import ReplayBuffer
 from learner.scheduler import PromptScheduler, SchedulerState
-from rollout.agent_loop import EpisodeLimits
-from rollout.engine import EngineSpec, resolve_engine_kind
+from rollout.engine import resolve_engine_kind
 from rollout.types import Question
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,6 @@ class PendingGroup:
     group_id: str
     question_id: str
     epoch: int
-
-
-def episode_seed(run_seed: int, group: int | str, question_id: str, sample: int) -> int:
-    digest = hashlib.blake2b(f"{run_seed}/{group}/{question_id}/{sample}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 class LearnerFailed(RuntimeError):
@@ -188,15 +183,9 @@ class Controller:
 
     def _worker_factory(self, documents):
         cfg, r = self.cfg, self.cfg.rollout
-        gpu = r.num_gpus_per_worker > 0
-        self.rollout_dtype = r.dtype if r.dtype != "auto" else ("bfloat16" if gpu else "float32")
-        spec = EngineSpec(
-            model_dir=Path(self.ctx.model_dir), dtype=self.rollout_dtype, max_model_len=r.max_model_len, seed=cfg.pipeline.seed,
-            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-            max_num_seqs=r.max_concurrent_episodes,
-            extra={"latency_model": r.latency_model.model_dump()} if self.engine_kind == "simulated" else {},
-        )
-        limits = EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
+        self.rollout_dtype = rollout_dtype(r)
+        spec = engine_spec(cfg, Path(self.ctx.model_dir), self.engine_kind)
+        limits = episode_limits(r)
         options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker, "resources": dict(r.resources) or None}
         redis = (self.ctx.redis_url, self.ctx.redis_password, self.ctx.namespace)
         return rollout_worker_factory(options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir, redis))
@@ -293,7 +282,7 @@ class Controller:
                     self.counts["reruns"] += 1
             t1 = time.perf_counter()
             report = await self.rewards.score(trajs, self.questions)
-            self.judge_report.update({k: v for k, v in report.metrics().items() if isinstance(v, (int, float))})
+            self._count_judged(report)
             scored = ScoredGroup(
                 q.id, sorted(trajs, key=lambda t: t.sample_index), group.group_id, group.epoch,
                 generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
@@ -387,10 +376,16 @@ class Controller:
                 "time/step_s": time.perf_counter() - t_step,
             })
             metrics.update(self._pipeline_metrics())
+            metrics.update(await self._judge_metrics())
             metrics["queue/groups_depth"] = await self.stream.depth()
             self.history.append(metrics)
             self.tracker.log_metrics(metrics, step)
+            # Dashboard (Ray's metrics endpoint): this step; a group's staleness is counted at the version it trained at.
+            ray_metrics.record_step(metrics, episodes=len(trajs), lags=[self.version - 1 - g.version_start for _, g in entries])
             await self._write_actor_table()
+            if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0:
+                self.phase = f"step {step}: evaluating"
+                await self._evaluate(step)
 
     async def _take_batch(self) -> list[tuple[str, ScoredGroup]]:
         """B groups fresh enough to train on: re-read (after a restart) ones first, then new ones."""
@@ -506,22 +501,18 @@ class Controller:
     # ---- evaluation ----------------------------------------------------------------------------
     async def _evaluate(self, step: int) -> dict[str, float]:
         p = self.cfg.pipeline
-        requests = [
-            EpisodeRequest(q, 0, temperature=p.eval_temperature, top_p=1.0, seed=episode_seed(p.seed, -1, q.id, 0))
-            for q in self.data.heldout
-        ]
+        requests = eval_requests(self.data.heldout, p)
         t0 = time.perf_counter()
         trajs = await self.fleet.run_everywhere(requests, f"eval{step}")
-        await self.rewards.score(trajs, self.questions)
+        self._count_judged(await self.rewards.score(trajs, self.questions))
         metrics = {"step": step, **trajectory_metrics(trajs, "eval"), "time/eval_s": time.perf_counter() - t0}
         self.evals.append(metrics)
+        ray_metrics.record_eval(metrics)  # dashboard: eval accuracy and time
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step) if self.tracker else None
         (self.output_dir / "eval").mkdir(exist_ok=True)
         with open(self.output_dir / "eval" / f"step-{step:04d}.jsonl", "w") as fh:
             for t in trajs:
-                fh.write(json.dumps({"id": t.question_id, "answer": t.answer, "correct": t.correct,
-                                     "tool_calls": t.num_tool_calls, "response_tokens": t.generated_tokens,
-                                     "finish_reason": t.finish_reason}) + "\n")
+                fh.write(json.dumps(eval_row(t)) + "\n")
         return metrics
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -605,6 +596,27 @@ class Controller:
             tmp.write_text(json.dumps(payload, indent=2, default=str))
             tmp.replace(self.output_dir / name)
 
+    def _count_judged(self, report) -> None:
+        """Adds a PoolReport (training group or evaluation) to the run's cumulative judge counts."""
+        counts = {k: v for k, v in report.metrics().items() if k != "judge/latency_s"}
+        counts["judge/latency_sum_s"] = report.latency_s
+        self.judge_report.update(counts)
+
+    async def _judge_metrics(self) -> dict[str, float]:
+        """Cumulative: labels/<LABEL> counts, judge/retries, judge/fallbacks, judge/source_<source>, ...;
+        judge/latency_s: mean time to judge one trajectory; with an LLM judge, its client's HTTP
+        requests, their mean latency and failures by reason."""
+        r = self.judge_report
+        out = {k: float(v) for k, v in r.items() if k != "judge/latency_sum_s"}
+        out["judge/latency_s"] = r["judge/latency_sum_s"] / r["judge/scored"] if r["judge/scored"] else 0.0
+        if self.cfg.rewards.judge is not None:
+            client = await self.rewards.stats()  # summed over the actors
+            out["judge/requests"] = float(client.get("requests", 0))
+            n = client.get("latency_count", 0)
+            out["judge/request_latency_s"] = client.get("latency_sum_s", 0.0) / n if n else 0.0
+            out.update({f"judge/{k}": float(v) for k, v in client.items() if k.startswith("failures_")})
+        return out
+
     def _pipeline_metrics(self) -> dict[str, float]:
         out = {f"pipeline/{k}_groups": float(v) for k, v in self.counts.items()}
         out["pipeline/running_groups"] = float(len(self.running))
@@ -640,6 +652,7 @@ class Controller:
             "step_time_s": last.get("time/step_s"),
             "rollout_workers": self.fleet.size if self.fleet else 0,
             "running_groups": len(self.running),
+            **ray_metrics.endpoints(),  # dashboard_url, metrics_url
         }
 
     async def _summary(self, status: str) -> dict[str, Any]:

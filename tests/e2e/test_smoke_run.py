@@ -20,7 +20,7 @@ def _mlflow_run(output_dir, run_id):
 
 def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
     out = tmp_path / "run"
-    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(out))
+    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(out), "pipeline.eval_every=2")
     code = p.wait(timeout=900)
     assert code == 0, p.output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -42,7 +42,11 @@ def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
                    "time/generate_s", "time/reward_s", "time/train_s", "time/weight_sync_s"):
         history = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in history] == list(range(1, steps + 1)), metric
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, steps]
+    # Held-out evals: before training, every eval_every steps, and after the last step.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, steps]
+    assert sorted(f.name for f in (out / "eval").iterdir()) == ["step-0000.jsonl", "step-0002.jsonl", "step-0003.jsonl"]
+    # The final policy is a model folder next to the run (what `rapo eval` loads).
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f.name for f in (out / "policy").iterdir()}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "reward_curve.png", "history.json"} <= artifacts
 
