@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# SmolLM2 warm-started as deploy/configs/demo.yaml does (one cache entry, built once per machine):
+# smoke.yaml's random-init model never calls a tool nor answers, so tests that need real
+# episodes (tool calls, answers to judge, episodes that differ) run this policy on smoke.yaml.
+SMOLLM2_POLICY = ["model.source=smollm2", "model.warm_start.steps=5", "model.warm_start.hops=[1,2]",
+                  "data.demo.countries=120", "learner.kl_coef=0"]
 
 
 def group_alive(pgid: int) -> bool:

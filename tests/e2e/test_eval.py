@@ -10,12 +10,10 @@ import json
 
 import pytest
 
+from tests.e2e.conftest import SMOLLM2_POLICY as POLICY
+
 pytestmark = pytest.mark.slow
 
-# smoke.yaml's random-init model never calls a tool nor answers: every episode would be the same
-# 96 tokens. A short warm start (about 3 min on 2 cores, once: it is cached) makes it call tools, sometimes
-# answer, and stop at different lengths, so episodes differ and the comparison below means something.
-POLICY = ["model.warm_start.steps=150", "model.warm_start.lr=0.003", "model.warm_start.hops=[1]"]
 COMPARED = ("answer", "correct", "tool_calls", "response_tokens", "finish_reason")
 
 

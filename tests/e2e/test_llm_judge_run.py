@@ -24,16 +24,12 @@ from pathlib import Path
 import pytest
 
 from rewards.judge_prompts import LABELS_TASK
+from tests.e2e.conftest import SMOLLM2_POLICY as POLICY
 from tests.servers.openai_server import MALFORMED, OpenAITestServer
 
 pytestmark = pytest.mark.slow
 
 STEPS = 2
-# SmolLM2 warm-started as the demo does (the cache entry deploy/configs/demo.yaml and
-# test_eval.py use): smoke.yaml's random-init model never calls a tool nor answers, so it would
-# never reach the judge; this one calls the tools in nearly every episode.
-POLICY = ["model.source=smollm2", "model.warm_start.steps=5", "model.warm_start.hops=[1,2]", "data.demo.countries=120",
-          "learner.kl_coef=0"]
 LATENCY_S = 0.05
 KEY_ENV = "RAPO_E2E_JUDGE_KEY"
 # Reward actors x trajectories each scores at once: the most judgements that can be in flight.
