@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", choices=["rapo", "grpo"], default=["rapo", "grpo"])
     parser.add_argument("--out", default="runs/bench-learning")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    parser.add_argument("--collect", action="store_true", help="start no run: plot and report the finished ones")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
@@ -122,6 +123,8 @@ def main() -> None:
     summaries, data = {}, {}
     for seed in args.seeds:
         for algorithm in args.algorithms:
+            if args.collect and not (out / f"{algorithm}-seed{seed}" / "summary.json").exists():
+                continue
             summaries[(algorithm, seed)] = run_one(out, algorithm, seed, args)
             data[(algorithm, seed)] = curves(out / f"{algorithm}-seed{seed}")
     csv_path, png_path = out / "learning_curves.csv", out / "learning_curves.png"
@@ -132,13 +135,14 @@ def main() -> None:
     print(f"curves: {csv_path}\nplot:   {png_path}")
     lines = []
     for seed in args.seeds:
-        first = summaries[(args.algorithms[0], seed)]
-        line = f"{args.algorithms[0]}_acc_initial={first['accuracy_initial']:.3f}"
-        for algorithm in args.algorithms:
+        done = [a for a in args.algorithms if (a, seed) in summaries]
+        first = summaries[(done[0], seed)]
+        line = f"{done[0]}_acc_initial={first['accuracy_initial']:.3f}"
+        for algorithm in done:
             line += f" {algorithm}_acc_final={summaries[(algorithm, seed)]['accuracy_final']:.3f}"
         extra = ", ".join(f"{a} wall {summaries[(a, seed)]['wall_time_s']:.0f} s, replay injections "
                           f"{summaries[(a, seed)]['replay_injections']}, pruned {summaries[(a, seed)]['pruned_questions']}"
-                          for a in args.algorithms)
+                          for a in done)
         print(f"data.seed={seed}: {line}  ({extra})")
         lines.append(line)
     print(lines[0])
