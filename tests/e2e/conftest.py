@@ -101,3 +101,11 @@ def rapo():
     for p in started:
         p.kill()
         os.unlink(p.log.name)
+
+
+def mlflow_run(output_dir: Path, run_id: str):
+    """The MLflow client of a run folder's sqlite store, and the run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    return client, client.get_run(run_id)

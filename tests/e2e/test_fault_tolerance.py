@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import RapoProcess
+from tests.e2e.conftest import RapoProcess, mlflow_run
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -91,6 +91,8 @@ def faulty_run(tmp_path_factory):
         events["history"] = {h["step"]: h for h in _read(run / "history.json").get("steps", [])}
         events["actors"] = _read(run / "actors.json")
         events["group_gone"] = proc.group_gone(timeout=60)
+        client, mlrun = mlflow_run(run, events["summary"]["mlflow_run_id"])
+        events["staleness_mean"] = [m.step for m in client.get_metric_history(mlrun.info.run_id, "staleness/mean")]
         yield events
     except BaseException:
         print(proc.output[-6000:])
@@ -110,6 +112,10 @@ def test_run_completes_with_nothing_lost(faulty_run):
     assert s["status"] == "completed" and s["steps"] == STEPS
     assert s["lost_episodes"] == 0
     assert sorted(faulty_run["history"]) == list(range(1, STEPS + 1))
+    # Async: every group's lag when it reached the learner is in the histogram, and in MLflow every
+    # step (steps re-trained after the learner restart are logged again).
+    assert sum(s["staleness_histogram"].values()) >= STEPS * 2
+    assert set(faulty_run["staleness_mean"]) == set(range(1, STEPS + 1))
     assert faulty_run["group_gone"], "processes of the run are still alive"
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from rewards.judge_prompts import LABELS_TASK
 from tests.e2e.conftest import SMOLLM2_POLICY as POLICY
+from tests.e2e.conftest import mlflow_run
 from tests.servers.openai_server import MALFORMED, OpenAITestServer
 
 pytestmark = pytest.mark.slow
@@ -39,13 +40,6 @@ ACTORS, PER_ACTOR = 2, 4
 # (otherwise that many judgements would have been in flight at once), so the run has at least
 # one fallback and one retry whatever the order the requests arrive in.
 PLANNED_FAILURES = ACTORS * PER_ACTOR + 1
-
-
-def _mlflow(output_dir: Path, run_id: str):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
-    return client, client.get_run(run_id)
 
 
 def _files(root: Path):
@@ -149,7 +143,7 @@ def test_stage2_run_through_the_llm_judge_keeps_its_secrets(rapo, tmp_path):
         # The search itself finds what is there.
         assert _holding(hidden, sorted(by_design))["Redis password"] == [str(f) for f in sorted(by_design)]
 
-        client, run = _mlflow(out, summary["mlflow_run_id"])
+        client, run = mlflow_run(out, summary["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.params["rewards.stage"] == "2"
         assert run.data.params["rewards.judge.base_url"] == srv.base_url

@@ -8,14 +8,9 @@ import signal
 
 import pytest
 
+from tests.e2e.conftest import mlflow_run
+
 pytestmark = pytest.mark.slow
-
-
-def _mlflow_run(output_dir, run_id):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
-    return client, client.get_run(run_id)
 
 
 def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
@@ -34,7 +29,7 @@ def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
     for key in ("zero_stage", "tool_calls_per_episode", "wall_time_s", "mode"):
         assert key in summary
 
-    client, run = _mlflow_run(out, summary["mlflow_run_id"])
+    client, run = mlflow_run(out, summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["learner.zero_stage"] == str(summary["zero_stage"])
     for metric in ("reward/mean", "train/accuracy", "train/tool_calls_per_episode", "train/response_tokens",
