@@ -99,6 +99,15 @@ class PoolReport:
     fallbacks: int = 0
     latency_s: float = 0.0
 
+    def add(self, score: Score) -> None:
+        """Tally one trajectory's verdict: where it came from, its labels, retries and time."""
+        self.scores += 1
+        self.sources[score.judge_source] += 1
+        self.labels.update(score.labels)
+        self.retries += score.retries
+        self.fallbacks += score.fallbacks
+        self.latency_s += score.latency_s
+
     def metrics(self, prefix: str = "judge") -> dict[str, float]:
         out = {
             f"{prefix}/scored": self.scores,
@@ -204,12 +213,7 @@ class RewardPool:
                 probe.cancel()
         for key, score in results.items():
             apply_score(trajs[key], score)
-            report.scores += 1
-            report.sources[score.judge_source] += 1
-            report.labels.update(score.labels)
-            report.retries += score.retries
-            report.fallbacks += score.fallbacks
-            report.latency_s += score.latency_s
+            report.add(score)
         return report
 
     async def _probe(self, actor: int, delay_s: float = 0.2) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import gc
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from cluster.config import PipelineConfig, RolloutConfig, RunConfig
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from actors.reward_pool import PoolReport
     from actors.rollout_worker import EpisodeRequest
     from rollout.agent_loop import EpisodeLimits
     from rollout.engine import EngineSpec
@@ -107,14 +107,15 @@ def eval_questions(cfg: RunConfig, data: str | Path | None) -> tuple[list[Questi
 async def play_and_score(
     cfg: RunConfig, model_dir: Path, questions: list[Question], documents: list[Document],
     on_episode: Callable[[Trajectory], None] = lambda t: None, on_ready: Callable[[str, float], None] = lambda k, s: None,
-) -> tuple[list[Trajectory], Counter]:
+) -> tuple[list[Trajectory], PoolReport]:
     """Every question's eval episode on a fresh engine for `model_dir`, scored; trajectories in question order.
 
-    Returns them with a count of where the verdicts came from (rule / llm / cache / skipped) and
-    of the judge's retries and fallbacks to the rule judge.
+    Returns them with the judge's tally, as the reward pool keeps it: where the verdicts came from
+    (rule / llm / cache / skipped), step labels, retries and fallbacks to the rule judge.
     """
     from transformers import AutoTokenizer
 
+    from actors.reward_pool import PoolReport
     from actors.rollout_worker import tool_backend
     from rewards.scoring import apply_score, score_trajectory
     from rollout.agent_loop import AgentLoop, EpisodeSampling
@@ -142,7 +143,7 @@ async def play_and_score(
                          episode_limits(r))
         episodes = asyncio.Semaphore(r.max_concurrent_episodes)
         judging = asyncio.Semaphore(rewards.max_in_flight_per_actor)
-        report: Counter = Counter()
+        report = PoolReport()
         spec, llm_labels = rewards.spec(), rewards.uses_llm_labels()
 
         async def one(i: int, req: EpisodeRequest) -> Trajectory:
@@ -152,8 +153,7 @@ async def play_and_score(
             async with judging:
                 score = await score_trajectory(traj, by_id[traj.question_id], spec, judge, llm_labels)
             apply_score(traj, score)
-            report.update({f"judge/source_{score.judge_source}": 1, "judge/retries": score.retries,
-                           "judge/fallbacks": score.fallbacks})
+            report.add(score)
             on_episode(traj)
             return traj
 
@@ -172,7 +172,7 @@ def result_row(t: Trajectory, q: Question) -> dict[str, Any]:
             "reward": t.reward}
 
 
-def eval_summary(trajs: list[Trajectory], report: Counter, **about: Any) -> dict[str, Any]:
+def eval_summary(trajs: list[Trajectory], report: PoolReport, **about: Any) -> dict[str, Any]:
     from cluster.run_metrics import trajectory_metrics
 
     m = trajectory_metrics(trajs, "eval")
@@ -184,7 +184,7 @@ def eval_summary(trajs: list[Trajectory], report: Counter, **about: Any) -> dict
         "response_tokens_per_question": m.get("eval/response_tokens", 0.0),
         **about,
         "metrics": m,
-        "judge_report": dict(report),
+        "judge_report": report.metrics(),
     }
 
 
