@@ -14,7 +14,6 @@ can import it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from collections.abc import Callable
@@ -197,20 +196,6 @@ def summary_path_for(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
 
 
-def _import_vllm_here(cfg: RunConfig) -> None:
-    """Import vLLM before the engine is made, not inside VLLMEngine.__init__.
-
-    Something vLLM imports keeps the frames of its first importer, and with them the engine
-    those frames reach: it would live until interpreter exit, when AsyncLLM's finaliser shuts
-    it down a second time and fails noisily. Imported here, the frames kept hold no engine.
-    """
-    from rollout.engine import resolve_engine_kind
-
-    if resolve_engine_kind(cfg.rollout.engine) == "vllm":
-        import vllm.engine.arg_utils  # noqa: F401
-        import vllm.v1.engine.async_llm  # noqa: F401
-
-
 def run_eval(
     cfg: RunConfig, model_dir: Path, *, data: str | Path | None, output: Path, console: Console,
     log: Callable[[str], None] = print,
@@ -227,7 +212,6 @@ def run_eval(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[detail]}"),
     )
-    _import_vllm_here(cfg)
     t0 = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting the engine", total=len(questions), detail="")
@@ -242,9 +226,6 @@ def run_eval(
             progress.update(task, advance=1, detail=f"accuracy {right / len(done):.3f} ({right}/{len(done)})")
 
         trajs, report = asyncio.run(play_and_score(cfg, model_dir, questions, documents, on_episode, on_ready))
-    # The engine (vLLM's AsyncLLM sits in reference cycles) is freed now, while the modules its
-    # finaliser calls still exist, rather than at interpreter exit.
-    gc.collect()
     with open(output, "w", encoding="utf-8") as fh:
         for t, q in zip(trajs, questions):
             fh.write(json.dumps(result_row(t, q)) + "\n")
