@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ray
 
-from actors.rollout_worker import WeightRef
 from learner.batch import RankPlan
+from rollout.weights import WeightRef
 
 
 def _free_port() -> int:

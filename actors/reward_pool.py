@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
 
 import ray
 
 from cluster import ray_metrics
+from rewards.report import PoolReport
 from rewards.scoring import RewardSpec, Score, apply_score, score_trajectory
 from rollout.types import Question, Trajectory
 
@@ -85,43 +85,6 @@ class RewardLabeller:
     async def close(self) -> None:
         if self.judge is not None:
             await self.judge.close()
-
-
-@dataclass
-class PoolReport:
-    scores: int = 0
-    resubmitted: int = 0
-    duplicates: int = 0
-    actor_failures: int = 0
-    sources: Counter = field(default_factory=Counter)
-    labels: Counter = field(default_factory=Counter)
-    retries: int = 0
-    fallbacks: int = 0
-    latency_s: float = 0.0
-
-    def add(self, score: Score) -> None:
-        """Tally one trajectory's verdict: where it came from, its labels, retries and time."""
-        self.scores += 1
-        self.sources[score.judge_source] += 1
-        self.labels.update(score.labels)
-        self.retries += score.retries
-        self.fallbacks += score.fallbacks
-        self.latency_s += score.latency_s
-
-    def metrics(self, prefix: str = "judge") -> dict[str, float]:
-        out = {
-            f"{prefix}/scored": self.scores,
-            f"{prefix}/resubmitted": self.resubmitted,
-            f"{prefix}/duplicates_dropped": self.duplicates,
-            f"{prefix}/actor_failures": self.actor_failures,
-            f"{prefix}/retries": self.retries,
-            f"{prefix}/fallbacks": self.fallbacks,
-            f"{prefix}/cache_hits": self.sources.get("cache", 0),
-            f"{prefix}/latency_s": self.latency_s / self.scores if self.scores else 0.0,
-        }
-        out.update({f"{prefix}/source_{k}": v for k, v in self.sources.items()})
-        out.update({f"labels/{k}": v for k, v in self.labels.items()})
-        return out
 
 
 class RewardPool:

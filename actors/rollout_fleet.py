@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import ray
 
-from actors.rollout_worker import EpisodeRequest, RolloutWorker, WeightRef
+from actors.rollout_worker import RolloutWorker
+from rollout.episodes import EpisodeRequest
 from rollout.types import Trajectory
+from rollout.weights import WeightRef
 
 log = logging.getLogger(__name__)
 

@@ -3,63 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from rollout.agent_loop import AgentLoop, EpisodeLimits, EpisodeSampling
-from rollout.engine import EngineSpec, create_engine
-from rollout.tools.base import DelayedBackend
-from rollout.tools.corpus import CorpusBackend
+from rollout.engine import EngineSpec
+from rollout.engine_factory import create_engine
+from rollout.episodes import EpisodeRequest
+from rollout.tools.backends import tool_backend
 from rollout.tools.toolbox import Toolbox
-from rollout.types import Question, Trajectory
-
-
-@dataclass(frozen=True)
-class EpisodeRequest:
-    question: Question
-    sample_index: int
-    temperature: float
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-def episode_seed(run_seed: int, group: int | str, question_id: str, sample: int) -> int:
-    """The sampling seed of one episode: reproducible from the run seed, stable across restarts."""
-    digest = hashlib.blake2b(f"{run_seed}/{group}/{question_id}/{sample}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-@dataclass(frozen=True)
-class WeightRef:
-    """Where a published policy version lies: a safetensors file on the learner's node."""
-
-    version: int
-    path: str
-    node_id: str
-    # The learner actor that can send the file to a worker on another node.
-    source: object = None
-
-
-def tool_backend(tools, documents, redis: tuple[str, str | None, str] | None):
-    """The ToolsConfig's backend: the offline corpus, or the web (with a Redis cache when there is Redis)."""
-    if tools.backend == "web":
-        from actors.redis_client import async_client
-        from rollout.tools.web import RedisToolCache, WebBackend
-
-        cache = None
-        if redis is not None:
-            url, password, namespace = redis
-            cache = RedisToolCache(async_client(url, password), f"{namespace}:webtools", tools.web.cache_ttl_s)
-        backend = WebBackend(tools.web, cache=cache)
-    else:
-        backend = CorpusBackend(documents, snippet_chars=tools.snippet_chars)
-    return DelayedBackend(backend, tools.latency_s) if tools.latency_s > 0 else backend
+from rollout.types import Trajectory
+from rollout.weights import WeightRef
 
 
 @ray.remote
@@ -82,6 +40,9 @@ class RolloutWorker:
         self.extractor = extractor
         self.loop = AgentLoop(self.engine, Toolbox.from_config(tools, self.backend, extractor), tokenizer, limits)
         self.max_concurrency = spec.max_num_seqs
+        # One gate for the worker: max_concurrency caps its episodes across every group it runs.
+        # Made on first use, in the actor's event loop.
+        self.gate: asyncio.Semaphore | None = None
         self.startup_s = time.perf_counter() - t0
 
     def info(self) -> dict:
@@ -96,7 +57,9 @@ class RolloutWorker:
         }
 
     async def rollout(self, requests: list[EpisodeRequest], tag: str) -> list[Trajectory]:
-        gate = asyncio.Semaphore(self.max_concurrency)
+        if self.gate is None:
+            self.gate = asyncio.Semaphore(self.max_concurrency)
+        gate = self.gate
 
         async def one(i: int, req: EpisodeRequest) -> Trajectory:
             async with gate:

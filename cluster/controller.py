@@ -35,11 +35,10 @@ import ray
 from actors.learner_group import LearnerGroup
 from actors.reward_pool import RewardPool
 from actors.rollout_fleet import RolloutFleet, WorkerLost, rollout_worker_factory
-from actors.rollout_worker import EpisodeRequest, episode_seed
 from cluster.admission import Admission, StalenessPolicy
 from cluster.config import RunConfig, flatten
 from cluster.data import RunData, load_run_data
-from cluster.evaluate import engine_spec, episode_limits, eval_requests, eval_row, rollout_dtype
+from cluster.engines import engine_spec, episode_limits, eval_requests, eval_row, rollout_dtype
 from actors.redis_client import async_client
 from cluster import ray_metrics
 from cluster.run_metrics import reduce_learner, staleness_metrics, trajectory_metrics
@@ -50,7 +49,8 @@ from learner.groups import ScoredGroup, batch_samples, inject_replays
 from learner.pruning import PruningState
 from learner.replay_buffer import ReplayBuffer
 from learner.scheduler import PromptScheduler, SchedulerState
-from rollout.engine import resolve_engine_kind
+from rollout.engine_factory import resolve_engine_kind
+from rollout.episodes import EpisodeRequest, episode_seed
 from rollout.types import Question
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,8 @@ then the reward labeller's scoring (the LLM judge when `rewards.judge` is set, e
 rule judge). So `rapo eval RUN/policy` on the run's held-out set reports the accuracy the
 run's summary reports for its final policy.
 
-The helpers that build the eval's requests, engine settings and result rows are the
-controller's too; at load time this module imports only cluster.config, so the controller
-can import it.
+The requests, engine settings and result rows are built by cluster.engines, which the
+controller uses for its held-out eval too.
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.config import PipelineConfig, RolloutConfig, RunConfig
+from cluster.config import RunConfig
+from cluster.engines import engine_spec, episode_limits, eval_requests, eval_row
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from actors.reward_pool import PoolReport
-    from actors.rollout_worker import EpisodeRequest
-    from rollout.agent_loop import EpisodeLimits
-    from rollout.engine import EngineSpec
+    from rewards.report import PoolReport
+    from rollout.episodes import EpisodeRequest
     from rollout.tools.corpus import Document
     from rollout.types import Question, Trajectory
 
@@ -47,46 +45,6 @@ def resolve_config_path(model_dir: Path, config: str | Path | None) -> Path | No
     if config is not None:
         return Path(config)
     return run_config_of(model_dir) or (DEMO_CONFIG if DEMO_CONFIG.exists() else None)
-
-
-# ---- shared with the controller's held-out eval ------------------------------------------------
-def eval_requests(questions: list[Question], p: PipelineConfig) -> list[EpisodeRequest]:
-    """One episode per question at the eval temperature, seeded by the run seed and the question id."""
-    from actors.rollout_worker import EpisodeRequest, episode_seed
-
-    return [
-        EpisodeRequest(q, 0, temperature=p.eval_temperature, top_p=1.0, seed=episode_seed(p.seed, -1, q.id, 0))
-        for q in questions
-    ]
-
-
-def rollout_dtype(r: RolloutConfig) -> str:
-    """rollout.dtype, with auto = float32 on CPU workers (exact logprobs) and bfloat16 on GPU workers."""
-    return r.dtype if r.dtype != "auto" else ("bfloat16" if r.num_gpus_per_worker > 0 else "float32")
-
-
-def engine_spec(cfg: RunConfig, model_dir: Path, engine_kind: str) -> EngineSpec:
-    from rollout.engine import EngineSpec
-
-    r = cfg.rollout
-    return EngineSpec(
-        model_dir=Path(model_dir), dtype=rollout_dtype(r), max_model_len=r.max_model_len, seed=cfg.pipeline.seed,
-        kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-        max_num_seqs=r.max_concurrent_episodes,
-        extra={"latency_model": r.latency_model.model_dump()} if engine_kind == "simulated" else {},
-    )
-
-
-def episode_limits(r: RolloutConfig) -> EpisodeLimits:
-    from rollout.agent_loop import EpisodeLimits
-
-    return EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
-
-
-def eval_row(t: Trajectory) -> dict[str, Any]:
-    """A scored eval episode as one line of `eval/step-XXXX.jsonl`."""
-    return {"id": t.question_id, "answer": t.answer, "correct": t.correct, "tool_calls": t.num_tool_calls,
-            "response_tokens": t.generated_tokens, "finish_reason": t.finish_reason}
 
 
 # ---- rapo eval --------------------------------------------------------------------------------
@@ -114,11 +72,11 @@ async def play_and_score(
     """
     from transformers import AutoTokenizer
 
-    from actors.reward_pool import PoolReport
-    from actors.rollout_worker import tool_backend
+    from rewards.report import PoolReport
     from rewards.scoring import apply_score, score_trajectory
     from rollout.agent_loop import AgentLoop, EpisodeSampling
-    from rollout.engine import create_engine, resolve_engine_kind
+    from rollout.engine_factory import create_engine, resolve_engine_kind
+    from rollout.tools.backends import tool_backend
     from rollout.tools.toolbox import Toolbox
 
     r, rewards = cfg.rollout, cfg.rewards

