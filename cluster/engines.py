@@ -41,7 +41,8 @@ def engine_spec(cfg: RunConfig, model_dir: Path, engine_kind: str) -> EngineSpec
 
 
 def episode_limits(r: RolloutConfig) -> EpisodeLimits:
-    return EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len, max_tokens_per_turn=r.max_tokens_per_turn)
+    return EpisodeLimits(max_tool_calls=r.max_tool_calls, max_model_len=r.max_model_len,
+                         max_tokens_per_turn=r.max_tokens_per_turn)
 
 
 def eval_row(t: Trajectory) -> dict[str, Any]:

@@ -1,11 +1,17 @@
-"""Per-step numbers computed from trajectories and learner sums (pure; the controller logs them)."""
+"""A run's numbers, computed from trajectories, learner sums and the run state (pure; the controller
+logs them): per-step metrics, cumulative judge counts, and the summary."""
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 
+from cluster.config import RunConfig
+from cluster.run_state import RunState
+from learner.groups import ScoredGroup
+from rewards.report import PoolReport
 from rollout.types import Trajectory
 
 LEARNER_MEANS = ("pg_loss", "kl", "entropy", "clip_frac", "ratio", "is_weight", "prox_behaviour_abs_diff")
@@ -52,3 +58,114 @@ def staleness_metrics(histogram: Counter) -> dict[str, float]:
         out["staleness/mean"] = sum(lag * n for lag, n in histogram.items()) / total
         out["staleness/max"] = float(max(histogram))
     return out
+
+
+def step_metrics(step: int, version: int, groups: list[ScoredGroup], train: dict[str, float],
+                 timings: dict[str, float]) -> dict[str, Any]:
+    """A training step's row: its trajectories, rewards, learner numbers and per-group timings."""
+    trajs = [m for g in groups for m in g.members]
+    rewards = np.array([t.reward for t in trajs])
+    out: dict[str, Any] = {"step": step, "policy_version": version, "questions": sorted(g.question_id for g in groups)}
+    out.update(trajectory_metrics(trajs, "train"))
+    out.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())})
+    out.update(train)
+    # Per group (they overlap each other and, when async, training): how long its episodes took to
+    # generate and to label. wait_s is what the learner idled for.
+    out["time/generate_s"] = float(np.mean([g.generate_s for g in groups]))
+    out["time/reward_s"] = float(np.mean([g.reward_s for g in groups]))
+    out.update({f"time/{k}": v for k, v in timings.items()})
+    return out
+
+
+def idle_fractions(elapsed_s: float, fleet_busy: dict[str, float], fleet_busy_at_start: dict[str, float],
+                   learner_busy_s: float) -> dict[str, float]:
+    """How much of the pipeline's wall time the rollout workers (on average) and the learner sat idle."""
+    if elapsed_s <= 0:
+        return {}
+    used = sum(b - fleet_busy_at_start.get(name, 0.0) for name, b in fleet_busy.items())
+    return {
+        "pipeline/rollout_idle_fraction": max(0.0, 1 - used / (elapsed_s * max(1, len(fleet_busy)))),
+        "pipeline/learner_idle_fraction": max(0.0, 1 - learner_busy_s / elapsed_s),
+    }
+
+
+def judge_tally(report: PoolReport) -> dict[str, float]:
+    """A PoolReport as additive counts (its mean latency as a sum) for the run's cumulative judge counts."""
+    counts = {k: v for k, v in report.metrics().items() if k != "judge/latency_s"}
+    counts["judge/latency_sum_s"] = report.latency_s
+    return counts
+
+
+def judge_metrics(tally: Counter, client: dict[str, float] | None) -> dict[str, float]:
+    """Cumulative: labels/<LABEL> counts, judge/retries, judge/fallbacks, judge/source_<source>, ...;
+    judge/latency_s: mean time to judge one trajectory; with an LLM judge (`client`: its HTTP
+    client's stats summed over the actors), its requests, their mean latency and failures by reason."""
+    out = {k: float(v) for k, v in tally.items() if k != "judge/latency_sum_s"}
+    out["judge/latency_s"] = tally["judge/latency_sum_s"] / tally["judge/scored"] if tally["judge/scored"] else 0.0
+    if client is not None:
+        out["judge/requests"] = float(client.get("requests", 0))
+        n = client.get("latency_count", 0)
+        out["judge/request_latency_s"] = client.get("latency_sum_s", 0.0) / n if n else 0.0
+        out.update({f"judge/{k}": float(v) for k, v in client.items() if k.startswith("failures_")})
+    return out
+
+
+def mean_of(history: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of `key` over the steps that have it; None before the first step."""
+    return float(np.mean([h[key] for h in history if key in h])) if history else None
+
+
+def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, engine_kind: str, fleet_size: int,
+                worker_restarts: int, eval_questions: int, replay_stored: int, judge_stats: dict[str, float],
+                judge_tally: Counter, pruned_questions: int, left_queued: int, running: int, requeued: int,
+                wall_time_s: float, model_dir: str, model_source: str, errors: list[str]) -> dict[str, Any]:
+    """summary.json: what the run did, its accuracy before and after, and its group bookkeeping."""
+    n = cfg.pipeline.samples_per_question
+    first = state.evals[0] if state.evals else {}
+    final = state.evals[-1] if len(state.evals) > 1 else {}
+    steps, c = state.history, state.counts
+    # Every admitted group is trained, dropped as stale (and re-admitted), still queued or running
+    # at the end; anything else was lost.
+    lost_groups = c["admitted"] - c["trained"] - left_queued - running - requeued
+    return {
+        "status": status,
+        "run_id": run_id,
+        "mlflow_run_id": state.mlflow_run_id,
+        "mode": cfg.pipeline.mode,
+        "max_staleness": cfg.pipeline.staleness_bound,
+        "algorithm": cfg.learner.algorithm,
+        "steps": len(steps),
+        "episodes": c["trained"] * n,
+        "engine": engine_kind,
+        "learner": cfg.learner.backend,
+        "zero_stage": cfg.learner.zero_stage,
+        "learner_ranks": cfg.learner.num_ranks,
+        "rollout_workers": fleet_size,
+        "weight_versions_published": state.version,
+        "accuracy_initial": first.get("eval/accuracy"),
+        "accuracy_final": final.get("eval/accuracy"),
+        "eval_questions": eval_questions,
+        "reward_first_step": steps[0]["reward/mean"] if steps else None,
+        "reward_last_step": steps[-1]["reward/mean"] if steps else None,
+        "tool_calls_per_episode": mean_of(steps, "train/tool_calls_per_episode"),
+        "response_tokens_per_episode": mean_of(steps, "train/response_tokens"),
+        "mean_step_time_s": mean_of(steps, "time/step_s"),
+        "replay_injections": state.replay_injections,
+        "replay_stored": replay_stored,
+        "pruned_questions": pruned_questions,
+        "reward_stage": cfg.rewards.stage,
+        "judge": "llm" if cfg.rewards.judge else "rule",
+        "judge_requests": judge_stats.get("requests", 0),
+        "judge_fallbacks": judge_stats.get("fallbacks", 0),
+        "staleness_histogram": {str(k): v for k, v in sorted(state.staleness.items())},
+        "dropped_stale_groups": c["dropped"],
+        "lost_episodes": max(0, lost_groups) * n,
+        "leftover_episodes": (left_queued + running) * n,
+        "restarts": {"rollout_workers": worker_restarts, "learner": state.learner_restarts,
+                     "reward_actors": int(judge_tally.get("judge/actor_failures", 0))},
+        "rerun_groups": c["reruns"],
+        "wall_time_s": wall_time_s,
+        "model_dir": model_dir,
+        "model_source": model_source,
+        "errors": errors,
+    }
