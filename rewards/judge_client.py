@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -47,6 +46,7 @@ from rewards.judge_prompts import (
 )
 from rewards.labeller import rule_labels
 from rewards.retry import RateLimiter, estimate_tokens, parse_retry_after, retry_delay
+from rewards.secrets import read_secret
 from rollout.types import ToolCall
 
 
@@ -104,24 +104,12 @@ class JudgeSettings(BaseModel):
 
 def load_api_key(settings: JudgeSettings) -> SecretStr | None:
     """The judge's API key from settings.api_key_file, else from the settings.api_key_env variable."""
-    if settings.api_key_file is not None:
-        path = settings.api_key_file.expanduser()
-        try:
-            lines = path.read_text().strip().splitlines()
-        except OSError as e:
-            raise JudgeConfigError(f"cannot read the judge API key file {path}: {e.strerror}; fix the path or unset api_key_file") from None
-        if not lines or not lines[0].strip():
-            raise JudgeConfigError(f"the judge API key file {path} is empty; write the key on its first line")
-        return SecretStr(lines[0].strip())
-    key = os.environ.get(settings.api_key_env, "").strip()
-    if key:
-        return SecretStr(key)
-    if settings.require_api_key:
-        raise JudgeConfigError(
-            f"no judge API key: set the {settings.api_key_env} environment variable or api_key_file, "
-            "or set require_api_key=false for a judge server without authentication"
-        )
-    return None
+    key = read_secret(
+        "judge API key", file=settings.api_key_file, file_setting="api_key_file", env=settings.api_key_env,
+        required=settings.require_api_key, error=JudgeConfigError,
+        optional_hint="set require_api_key=false for a judge server without authentication",
+    )
+    return None if key is None else SecretStr(key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,31 +8,50 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 
+class TokenBucket:
+    """`rate` per second with room for `burst`; `take` says how long to wait, never sleeps.
 
-@dataclass
-class _Bucket:
-    rate_per_s: float
-    capacity: float
-    level: float
-    updated: float
+    A reservation is debited at once (the level may go negative), so concurrent callers queue up
+    in reservation order without a lock, each waiting one interval longer than the one before,
+    and a request larger than the bucket still goes through once its debt is repaid.
+    """
 
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate_per_s)
-        self.updated = now
+    def __init__(self, rate: float, burst: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        if burst <= 0:
+            raise ValueError(f"burst must be > 0, got {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._level = burst
+        self._updated = clock()
 
-    def take(self, amount: float, now: float) -> float:
-        """Debit `amount` now (the level may go negative) and return how long the debt takes to repay."""
-        self._refill(now)
-        self.level -= amount
-        return max(0.0, -self.level / self.rate_per_s)
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.burst, self._level + (now - self._updated) * self.rate)
+        self._updated = now
 
-    def give(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
+    def take(self, amount: float = 1.0) -> float:
+        """Debit `amount` now; the seconds until the debt is repaid (0.0 when the bucket held enough)."""
+        self._refill()
+        self._level -= amount
+        return max(0.0, -self._level / self.rate)
+
+    def reserve(self) -> float:
+        """Take one token; the seconds to wait before using it."""
+        return self.take(1.0)
+
+    def give(self, amount: float) -> None:
+        self._refill()
+        self._level = min(self.burst, self._level + amount)
+
+    def is_full(self) -> bool:
+        self._refill()
+        return self._level >= self.burst
 
 
 class RateLimiter:
@@ -52,45 +71,69 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ):
-        self._clock = clock
         self._sleep = sleep
-        now = clock()
-        self._requests = self._bucket(requests_per_minute, now, "requests_per_minute")
-        self._tokens = self._bucket(tokens_per_minute, now, "tokens_per_minute")
+        self._requests = self._bucket(requests_per_minute, clock, "requests_per_minute")
+        self._tokens = self._bucket(tokens_per_minute, clock, "tokens_per_minute")
 
     @staticmethod
-    def _bucket(per_minute: float | None, now: float, name: str) -> _Bucket | None:
+    def _bucket(per_minute: float | None, clock: Callable[[], float], name: str) -> TokenBucket | None:
         if per_minute is None:
             return None
         if per_minute <= 0:
             raise ValueError(f"{name} must be > 0 (or None for no limit), got {per_minute}")
-        return _Bucket(per_minute / 60.0, per_minute, per_minute, now)
+        return TokenBucket(per_minute / 60.0, per_minute, clock)
 
     def reserve(self, tokens: int = 0) -> float:
         """Book one request of `tokens` tokens; returns the seconds to wait before sending it."""
-        now = self._clock()
         wait = 0.0
         if self._requests is not None:
-            wait = max(wait, self._requests.take(1, now))
+            wait = max(wait, self._requests.take(1))
         if self._tokens is not None and tokens > 0:
-            wait = max(wait, self._tokens.take(tokens, now))
+            wait = max(wait, self._tokens.take(tokens))
         return wait
 
     def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
         """Replace a reservation's token estimate by the real count (refund or extra debit)."""
         if self._tokens is None or actual_tokens == estimated_tokens:
             return
-        now = self._clock()
         if actual_tokens < estimated_tokens:
-            self._tokens.give(estimated_tokens - actual_tokens, now)
+            self._tokens.give(estimated_tokens - actual_tokens)
         else:
-            self._tokens.take(actual_tokens - estimated_tokens, now)
+            self._tokens.take(actual_tokens - estimated_tokens)
 
     async def acquire(self, tokens: int = 0) -> float:
         wait = self.reserve(tokens)
         if wait > 0:
             await self._sleep(wait)
         return wait
+
+
+class KeyedRateLimiter:
+    """A bucket per key (one key for search, one per host for page fetches); rate None means no limit.
+
+    Each bucket allows a burst of one second's worth of requests (at least one), then `rate` per second.
+    """
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, max_keys: int = 4096):
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._max_keys = max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    async def acquire(self, key: str = "") -> None:
+        if self.rate is None:
+            return
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys:
+                # Full buckets carry no state worth keeping: a fresh bucket starts full anyway.
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full()}
+            bucket = self._buckets[key] = TokenBucket(self.rate, max(1.0, self.rate), self._clock)
+        wait = bucket.reserve()
+        if wait > 0:
+            await self._sleep(wait)
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, str]], max_tokens: int) -> int:

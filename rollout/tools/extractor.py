@@ -11,11 +11,11 @@ because the extractor did.
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rewards.secrets import read_secret
 from rollout.tools.passages import rank_passages
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class LLMExtractor:
         if client is None:
             from openai import AsyncOpenAI
 
-            key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
+            key = read_secret("extractor API key", env=settings.api_key_env, required=False)
             if settings.api_key_env and not key:
                 log.warning("$%s is not set; calling the extractor endpoint without an API key", settings.api_key_env)
             # vLLM and SGLang accept any key; the client library insists on one.

@@ -26,7 +26,6 @@ import codecs
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +37,8 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from rewards.retry import KeyedRateLimiter
+from rewards.secrets import read_secret
 from rollout.tools.base import Page, SearchHit, ToolError
 from rollout.tools.corpus import normalize_url
 from rollout.tools.fetch_guard import FetchRefused, GuardedResolver, ParsedTarget, Resolver, check_url
@@ -54,7 +55,7 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # html.parser is pure Python: parse big pages in a thread so the rollout loop keeps serving episodes.
 THREAD_PARSE_BYTES = 256_000
-MAX_RATE_BUCKETS = 4096
+MAX_RATE_BUCKETS = 4096  # hosts with a bucket of their own, per worker
 
 
 class WebToolsSettings(BaseModel):
@@ -86,67 +87,7 @@ class WebToolsSettings(BaseModel):
 # -- rate limiting -------------------------------------------------------------------------------
 
 
-class TokenBucket:
-    """`rate` requests per second with bursts of `burst`; `reserve` says how long to wait, never sleeps.
-
-    A reservation takes its token at once (the count may go negative), so concurrent callers
-    queue up in order, each waiting one interval longer than the one before.
-    """
-
-    def __init__(self, rate: float, burst: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        if rate <= 0:
-            raise ValueError(f"rate must be > 0, got {rate}")
-        if burst < 1:
-            raise ValueError(f"burst must be >= 1, got {burst}")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._last = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-
-    def reserve(self) -> float:
-        """Take one token; the seconds to wait before using it (0.0 when one was available)."""
-        self._refill()
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-    def is_full(self) -> bool:
-        self._refill()
-        return self._tokens >= self.burst
-
-
 Sleep = Callable[[float], Awaitable[None]]
-
-
-class RateLimiter:
-    """Token buckets by key (one key for search, one per host for fetches); rate None means no limit.
-
-    Each bucket allows a burst of one second's worth of requests (at least one), then `rate` per second.
-    """
-
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep):
-        self.rate = rate
-        self._clock = clock
-        self._sleep = sleep
-        self._buckets: dict[str, TokenBucket] = {}
-
-    async def acquire(self, key: str = "") -> None:
-        if self.rate is None:
-            return
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= MAX_RATE_BUCKETS:
-                # Full buckets carry no state worth keeping: a fresh bucket starts full anyway.
-                self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full()}
-            bucket = self._buckets[key] = TokenBucket(self.rate, max(1.0, self.rate), self._clock)
-        wait = bucket.reserve()
-        if wait > 0:
-            await self._sleep(wait)
 
 
 # -- caching -------------------------------------------------------------------------------------
@@ -191,30 +132,13 @@ class RedisToolCache:
 
 
 def read_api_key(settings: WebToolsSettings, environ: dict[str, str] | None = None) -> str | None:
-    """The search API key from the key file or env var; None when neither is configured.
-
-    Raises ValueError at construction when a configured source is missing, so a run fails at
-    start-up instead of on every search call.
-    """
-    env = os.environ if environ is None else environ
-    if settings.search_api_key_file is not None:
-        path = settings.search_api_key_file.expanduser()
-        try:
-            key = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ValueError(f"search_api_key_file {path} cannot be read ({e.strerror or type(e).__name__})") from None
-        if not key:
-            raise ValueError(f"search_api_key_file {path} is empty")
-        return key
-    if settings.search_api_key_env:
-        key = env.get(settings.search_api_key_env, "").strip()
-        if not key:
-            raise ValueError(
-                f"the web search backend needs an API key: set ${settings.search_api_key_env} or "
-                "search_api_key_file (or set search_api_key_env to null for a keyless endpoint)"
-            )
-        return key
-    return None
+    """The search API key from the key file or env var; None when neither is configured (a keyless endpoint).
+    Raises ValueError when a configured source gives no key."""
+    return read_secret(
+        "web search API key", file=settings.search_api_key_file, file_setting="search_api_key_file",
+        env=settings.search_api_key_env, required=bool(settings.search_api_key_env),
+        optional_hint="set search_api_key_env to null for a keyless endpoint", environ=environ,
+    )
 
 
 def parse_search_results(payload: object, top_k: int) -> list[SearchHit]:
@@ -359,8 +283,8 @@ class WebBackend:
         self._api_key = read_api_key(settings)
         self._allow_hosts = frozenset(settings.allow_hosts)
         self._sleep = sleep
-        self._search_limit = RateLimiter(settings.search_rps, clock, sleep)
-        self._host_limit = RateLimiter(settings.per_host_rps, clock, sleep)
+        self._search_limit = KeyedRateLimiter(settings.search_rps, clock, sleep, MAX_RATE_BUCKETS)
+        self._host_limit = KeyedRateLimiter(settings.per_host_rps, clock, sleep, MAX_RATE_BUCKETS)
         # Sessions bind to the running event loop, so they are made on first use, not here.
         self._search_session: aiohttp.ClientSession | None = None
         self._fetch_session: aiohttp.ClientSession | None = None
@@ -417,7 +341,7 @@ class WebBackend:
 
     # -- retry ---------------------------------------------------------------------------------------
 
-    async def _twice(self, attempt: Callable[[], Awaitable[T]], limiter: RateLimiter, key: str, what: str) -> T:
+    async def _twice(self, attempt: Callable[[], Awaitable[T]], limiter: KeyedRateLimiter, key: str, what: str) -> T:
         """Run `attempt` (rate-limited), once more after a short pause if it fails transiently."""
         await limiter.acquire(key)
         try:

@@ -325,7 +325,7 @@ def test_a_missing_key_says_how_to_provide_one(monkeypatch, tmp_path):
     settings = JudgeSettings(base_url="http://127.0.0.1:9/v1", model="m")
     with pytest.raises(JudgeConfigError, match="RAPO_JUDGE_API_KEY"):
         JudgeClient(settings)
-    with pytest.raises(JudgeConfigError, match="cannot read"):
+    with pytest.raises(JudgeConfigError, match="cannot be read"):
         JudgeClient(settings.model_copy(update={"api_key_file": tmp_path / "absent.key"}))
     JudgeClient(settings.model_copy(update={"require_api_key": False}))  # a judge without authentication
     with pytest.raises(ValueError, match="http"):

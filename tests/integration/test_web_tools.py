@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from actors.redis_client import async_client
+from rewards.retry import TokenBucket
 from rollout.chat_format import ParsedCall
 from rollout.tools.base import Page, SearchHit, ToolError
 from rollout.tools.extractor import ExtractorSettings, LLMExtractor, clean_answer
@@ -21,7 +22,6 @@ from rollout.tools.fetch_guard import FetchRefused
 from rollout.tools.toolbox import Toolbox
 from rollout.tools.web import (
     RedisToolCache,
-    TokenBucket,
     WebBackend,
     WebToolsSettings,
     cache_key,
