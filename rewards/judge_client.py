@@ -25,12 +25,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from rewards.answer import rule_judge
+from rewards.cache import Cache, GuardedCache, RedisCache
 from rewards.judge_prompts import (
     ANSWER_TASK,
     LABELS_TASK,
@@ -116,10 +117,7 @@ def load_api_key(settings: JudgeSettings) -> SecretStr | None:
 # Cache
 
 
-class JudgeCache(Protocol):
-    async def get(self, key: str) -> dict[str, Any] | None: ...
-
-    async def set(self, key: str, value: dict[str, Any]) -> None: ...
+JudgeCache = Cache[dict[str, Any]]
 
 
 def judgement_key(kind: str, model: str, messages: Sequence[Message]) -> str:
@@ -128,28 +126,20 @@ def judgement_key(kind: str, model: str, messages: Sequence[Message]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-class RedisJudgeCache:
+class RedisJudgeCache(RedisCache):
     """Judgements as JSON under `{namespace}:judge:{key}` in Redis, optionally expiring."""
 
     def __init__(self, redis: Any, namespace: str, ttl_s: float | None = None):
         if not namespace:
             raise ValueError("RedisJudgeCache needs a namespace (e.g. the run id) so that runs do not share keys by accident")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
-        self.redis = redis
-        self.namespace = namespace
-        self.ttl_s = ttl_s
-
-    def redis_key(self, key: str) -> str:
-        return f"{self.namespace}:judge:{key}"
+        super().__init__(redis, f"{namespace}:judge", ttl_s)
 
     async def get(self, key: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(self.redis_key(key))
+        raw = await super().get(key)
         return None if raw is None else json.loads(raw)
 
     async def set(self, key: str, value: dict[str, Any]) -> None:
-        px = None if self.ttl_s is None else max(1, int(self.ttl_s * 1000))
-        await self.redis.set(self.redis_key(key), json.dumps(value, separators=(",", ":")), px=px)
+        await super().set(key, json.dumps(value, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +257,7 @@ class JudgeClient:
     ):
         self.settings = settings
         self.cache = cache
+        self._cache = GuardedCache(cache, "judge", "asking the judge", on_error=self._count_cache_error)
         self.answer_fallback = answer_fallback
         self.labels_fallback = labels_fallback
         self.stats = JudgeStats()
@@ -372,15 +363,11 @@ class JudgeClient:
             del self._pending[key]
             future.set_result(result)
 
+    def _count_cache_error(self) -> None:
+        self.stats.cache_errors += 1
+
     async def _cache_get(self, key: str, parse: Callable[[str], tuple[dict[str, Any], int]]) -> _Result | None:
-        if self.cache is None:
-            return None
-        try:
-            value = await self.cache.get(key)
-        except Exception as e:  # noqa: BLE001 - a cache outage costs money, not correctness
-            self.stats.cache_errors += 1
-            log.warning("judge cache read failed (%s: %s); asking the judge", type(e).__name__, e)
-            return None
+        value = await self._cache.get(key)
         if value is None:
             return None
         try:
@@ -393,13 +380,7 @@ class JudgeClient:
         return _Result(reply, 0, "cache")
 
     async def _cache_set(self, key: str, reply: dict[str, Any]) -> None:
-        if self.cache is None:
-            return
-        try:
-            await self.cache.set(key, reply)
-        except Exception as e:  # noqa: BLE001
-            self.stats.cache_errors += 1
-            log.warning("judge cache write failed (%s: %s)", type(e).__name__, e)
+        await self._cache.set(key, reply)
 
     async def _call_with_retries(self, messages: list[Message], parse: Callable[[str], tuple[dict[str, Any], int]]) -> _Result:
         s = self.settings

@@ -31,12 +31,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from rewards.cache import Cache, GuardedCache, RedisCache
 from rewards.retry import KeyedRateLimiter
 from rewards.secrets import read_secret
 from rollout.tools.base import Page, SearchHit, ToolError
@@ -93,10 +94,7 @@ Sleep = Callable[[float], Awaitable[None]]
 # -- caching -------------------------------------------------------------------------------------
 
 
-class ToolCache(Protocol):
-    async def get(self, key: str) -> str | None: ...
-
-    async def set(self, key: str, value: str) -> None: ...
+ToolCache = Cache[str]
 
 
 def cache_key(kind: str, *parts: object) -> str:
@@ -105,27 +103,13 @@ def cache_key(kind: str, *parts: object) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-class RedisToolCache:
-    """ToolCache on a redis.asyncio client; entries expire after ttl_s."""
+class RedisToolCache(RedisCache):
+    """Tool results (JSON text) under `{namespace}:{key}` in Redis; entries expire after ttl_s."""
 
     def __init__(self, client, namespace: str = "rapo:webtools", ttl_s: int = 7 * 24 * 3600):
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
-        self.client = client
-        self.namespace = namespace
-        self.ttl_s = ttl_s
-
-    def _key(self, key: str) -> str:
-        return f"{self.namespace}:{key}"
-
-    async def get(self, key: str) -> str | None:
-        value = await self.client.get(self._key(key))
-        if value is None:
-            return None
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-    async def set(self, key: str, value: str) -> None:
-        await self.client.set(self._key(key), value, ex=self.ttl_s)
+        super().__init__(client, namespace, ttl_s)
 
 
 # -- pure helpers --------------------------------------------------------------------------------
@@ -279,6 +263,7 @@ class WebBackend:
     ):
         self.settings = settings
         self.cache = cache
+        self._cache = GuardedCache(cache, "web tools", "going to the network")
         self._resolver = resolver
         self._api_key = read_api_key(settings)
         self._allow_hosts = frozenset(settings.allow_hosts)
@@ -323,21 +308,10 @@ class WebBackend:
     # -- cache -------------------------------------------------------------------------------------
 
     async def _cache_get(self, key: str) -> str | None:
-        if self.cache is None:
-            return None
-        try:
-            return await self.cache.get(key)
-        except Exception as e:  # noqa: BLE001 - a cache outage slows tools down, it must not fail them
-            log.warning("web tools cache read failed (%s); going to the network", type(e).__name__)
-            return None
+        return await self._cache.get(key)
 
     async def _cache_set(self, key: str, value: str) -> None:
-        if self.cache is None:
-            return
-        try:
-            await self.cache.set(key, value)
-        except Exception as e:  # noqa: BLE001
-            log.warning("web tools cache write failed (%s)", type(e).__name__)
+        await self._cache.set(key, value)
 
     # -- retry ---------------------------------------------------------------------------------------
 
