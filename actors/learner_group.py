@@ -48,9 +48,6 @@ class LearnerWorker:
     def train_step(self, plan: RankPlan) -> dict:
         return self.trainer.train_step(plan)
 
-    def logprobs(self, mini_batch) -> list[list[float]]:
-        return self.trainer.logprobs(mini_batch)
-
     def export_weights(self, path: str, dtype: str, keep: int = 2) -> int:
         n = self.trainer.export_weights(Path(path), dtype)
         if self.rank == 0:
@@ -63,11 +60,11 @@ class LearnerWorker:
     def read_file(self, path: str) -> bytes:
         return Path(path).read_bytes()
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.trainer.save_checkpoint(Path(directory), tag, client_state)
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self.trainer.save_checkpoint(Path(directory), tag)
 
-    def load_checkpoint(self, directory: str, tag: str) -> dict:
-        return self.trainer.load_checkpoint(Path(directory), tag)
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        self.trainer.load_checkpoint(Path(directory), tag)
 
     def close(self) -> None:
         if self.trainer is not None:
@@ -78,7 +75,7 @@ class LearnerWorker:
 class LearnerGroup:
     """Driver-side handle: creates the ranks, wires the process group, fans calls out."""
 
-    def __init__(self, cfg, *, run_id: str, num_cpus: float, num_gpus: float):
+    def __init__(self, cfg, *, num_cpus: float, num_gpus: float):
         self.cfg = cfg
         self.world_size = cfg.num_ranks
         self.workers = [
@@ -86,7 +83,6 @@ class LearnerGroup:
             .remote(r, self.world_size)
             for r in range(self.world_size)
         ]
-        self.run_id = run_id
         self.node_id = None
 
     async def setup(self, model_dir: str, per_rank_micro_batches: int, temperature: float) -> list[dict]:
@@ -106,7 +102,7 @@ class LearnerGroup:
         return WeightRef(version=version, path=path, node_id=self.node_id, source=self.workers[0])
 
     async def save_checkpoint(self, directory: str, tag: str) -> None:
-        await _gather([w.save_checkpoint.remote(directory, tag, {}) for w in self.workers])
+        await _gather([w.save_checkpoint.remote(directory, tag) for w in self.workers])
 
     async def load_checkpoint(self, directory: str, tag: str) -> None:
         await _gather([w.load_checkpoint.remote(directory, tag) for w in self.workers])

@@ -68,7 +68,6 @@ class RolloutFleet:
         self.current: WeightRef | None = None
         self.changed = asyncio.Condition()
         self.restarts = 0
-        self.rerun_groups = 0
 
     # ---- membership -------------------------------------------------------------------------
     def _new_slot(self) -> WorkerSlot:
@@ -130,9 +129,6 @@ class RolloutFleet:
     def size(self) -> int:
         return sum(1 for s in self.slots.values() if not s.draining)
 
-    def names(self) -> list[str]:
-        return sorted(s.name for s in self.slots.values() if not s.draining)
-
     # ---- running groups -----------------------------------------------------------------------
     async def _acquire(self) -> WorkerSlot:
         def free():
@@ -154,18 +150,22 @@ class RolloutFleet:
         try:
             return await slot.handle.rollout.remote(requests, tag)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self.rerun_groups += 1
-            if slot.ready:
-                slot.ready = False
-                slot.restarts += 1
-                self.restarts += 1
-                log.warning("%s died (%s); bringing it back", slot.name, type(e).__name__)
-                asyncio.ensure_future(self._recover(slot))
+            self._worker_lost(slot, e)
             raise WorkerLost(slot.name) from e
         finally:
             async with self.changed:
                 slot.mark(-1)
                 self.changed.notify_all()
+
+    def _worker_lost(self, slot: WorkerSlot, error: BaseException) -> None:
+        """Take a dead worker out of the rotation (once) and bring it back in the background."""
+        if not slot.ready:
+            return
+        slot.ready = False
+        slot.restarts += 1
+        self.restarts += 1
+        log.warning("%s died (%s); bringing it back", slot.name, type(error).__name__)
+        asyncio.ensure_future(self._recover(slot))
 
     async def _recover(self, slot: WorkerSlot) -> None:
         # Ray restarts the actor (max_restarts); its engine starts from the initial weights.
@@ -212,12 +212,9 @@ class RolloutFleet:
         for slot, r in zip(slots, results):
             if isinstance(r, WeightSyncTimeout):
                 raise r
-            if isinstance(r, BaseException) and slot.ready:
+            if isinstance(r, BaseException):
                 # Died between steps: it is recovered (and brought to `current`) in the background.
-                slot.ready = False
-                slot.restarts += 1
-                self.restarts += 1
-                asyncio.ensure_future(self._recover(slot))
+                self._worker_lost(slot, r)
         return time.perf_counter() - t0
 
     # ---- reporting -------------------------------------------------------------------------------

@@ -42,10 +42,6 @@ class Admission:
         self.finished -= 1
 
 
-def staleness(trained_at_version: int, started_at_version: int) -> int:
-    return trained_at_version - started_at_version
-
-
 @dataclass
 class StalenessPolicy:
     """What happens to a sample whose staleness exceeds the bound: dropped, or trained down-weighted."""

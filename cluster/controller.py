@@ -196,7 +196,7 @@ class Controller:
 
     def _new_learner(self) -> LearnerGroup:
         lc = self.cfg.learner
-        return LearnerGroup(lc, run_id=self.ctx.run_id, num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank)
+        return LearnerGroup(lc, num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank)
 
     # ---- the run ----------------------------------------------------------------------------
     async def run(self) -> dict:

@@ -40,21 +40,6 @@ class ScoredGroup:
         return not any(m.correct for m in self.members)
 
 
-def group_by_question(trajectories: list[Trajectory], n: int) -> list[ScoredGroup]:
-    """Groups in first-seen order; each must hold exactly n scored members."""
-    groups: dict[str, list[Trajectory]] = {}
-    for t in trajectories:
-        if t.reward is None:
-            raise ValueError(f"trajectory {t.question_id}/{t.sample_index} has no reward yet")
-        groups.setdefault(t.question_id, []).append(t)
-    out = []
-    for qid, members in groups.items():
-        if len(members) != n:
-            raise ValueError(f"question {qid} has {len(members)} rollouts, expected {n}")
-        out.append(ScoredGroup(qid, sorted(members, key=lambda m: m.sample_index)))
-    return out
-
-
 def inject_replays(groups: list[ScoredGroup], stored: list[Trajectory | None], rng: np.random.Generator) -> list[int | None]:
     """RAPO replay: in each all-fail group whose question has a stored success, replace one random member.
 

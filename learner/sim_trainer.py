@@ -40,13 +40,12 @@ class SimulatedTrainer:
         save_file({"version": torch.tensor([self.version])}, str(path))
         return 1
 
-    def save_checkpoint(self, directory: Path, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, directory: Path, tag: str) -> None:
         (directory / tag).mkdir(parents=True, exist_ok=True)
         (directory / tag / f"sim-rank{self.rank}.json").write_text(json.dumps({"version": self.version}))
 
-    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+    def load_checkpoint(self, directory: Path, tag: str) -> None:
         self.version = json.loads((directory / tag / f"sim-rank{self.rank}.json").read_text())["version"]
-        return {}
 
     def close(self) -> None:
         return None

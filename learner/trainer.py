@@ -100,7 +100,6 @@ class Trainer:
             config=ds_config(cfg, per_rank_micro_batches, self.gpu),
         )
         self.ref = self._load_reference(model_dir, temperature) if cfg.kl_coef > 0 else None
-        self.version = 0
 
     def _load_reference(self, model_dir: Path, temperature: float):
         from transformers import AutoModelForCausalLM
@@ -188,7 +187,6 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
                 grad_norms.append(float(norm))
-        self.version += 1
         sums["grad_norm"] = max(grad_norms) if grad_norms else 0.0
         sums["train_time_s"] = time.perf_counter() - t0
         return sums
@@ -250,12 +248,11 @@ class Trainer:
         os.replace(tmp, path)
         return len(tensors)
 
-    def save_checkpoint(self, directory: Path, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    def save_checkpoint(self, directory: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag)
 
-    def load_checkpoint(self, directory: Path, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
-        return client_state or {}
+    def load_checkpoint(self, directory: Path, tag: str) -> None:
+        self.engine.load_checkpoint(str(directory), tag=tag)
 
     def close(self) -> None:
         # Without this order ZeRO-3 can abort at interpreter exit (SIGABRT).

@@ -131,7 +131,8 @@ def extract_boxed(text: str) -> str | None:
 
 
 def turn_is_well_formed(text: str, final: bool) -> bool:
-    """A turn thinks inside one closed <think> block; a final turn holds \\boxed{}, others a tool call."""
+    """A turn thinks in at least one <think>...</think> block, with as many closings as openings (any
+    number of balanced blocks passes); a final turn holds \\boxed{}, others a tool call."""
     if text.count("<think>") < 1 or text.count("<think>") != text.count("</think>"):
         return False
     if not THINK_RE.search(text):

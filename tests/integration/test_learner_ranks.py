@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 
 import pytest
 import ray
@@ -46,7 +45,7 @@ def _step(model_dir, world: int, stage: int, tmp_path) -> tuple[float, dict]:
     samples = _samples()
 
     async def go():
-        group = LearnerGroup(cfg, run_id=uuid.uuid4().hex, num_cpus=1, num_gpus=0)
+        group = LearnerGroup(cfg, num_cpus=1, num_gpus=0)
         try:
             await group.setup(str(model_dir), per_rank_micro_batches=len(samples) // world // cfg.micro_batch_size, temperature=1.0)
             sums = await group.train_step(plan_step(samples, world, 1, seed=0))

@@ -3,7 +3,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -81,13 +80,6 @@ def test_global_random_state_is_untouched():
     random.seed(99)
     build_demo_world(4, countries=10)
     assert random.random() == expected
-
-
-def test_build_time_is_reported(world):
-    start = time.perf_counter()
-    build_demo_world(SEED + 2)
-    print(f"\nbuild_demo_world(seed, 120): {time.perf_counter() - start:.3f} s, {len(world.documents)} documents, "
-          f"{len(world.warm_start)}/{len(world.train)}/{len(world.heldout)} warm-start/train/held-out questions")
 
 
 def entity_names(world):
