@@ -307,8 +307,16 @@ class WebBackend:
 
     # -- cache -------------------------------------------------------------------------------------
 
-    async def _cache_get(self, key: str) -> str | None:
-        return await self._cache.get(key)
+    async def _from_cache(self, key: str, decode: Callable[[str], T], what: str) -> T | None:
+        """A cached result, or None when there is none or it does not decode (then the network is asked)."""
+        cached = await self._cache.get(key)
+        if cached is None:
+            return None
+        try:
+            return decode(cached)
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring an unreadable cached %s", what)
+            return None
 
     async def _cache_set(self, key: str, value: str) -> None:
         await self._cache.set(key, value)
@@ -333,12 +341,9 @@ class WebBackend:
 
     async def search(self, query: str, top_k: int) -> list[SearchHit]:
         key = cache_key("search", query, top_k)
-        cached = await self._cache_get(key)
-        if cached is not None:
-            try:
-                return hits_from_json(cached)
-            except (ValueError, TypeError, KeyError):
-                log.warning("ignoring an unreadable cached search result")
+        hits = await self._from_cache(key, hits_from_json, "search result")
+        if hits is not None:
+            return hits
         budget = _Budget(self.settings.timeout_s)
         late = f"search failed: the search service did not answer within {self.settings.timeout_s:g}s"
         hits = await self._twice(
@@ -382,12 +387,9 @@ class WebBackend:
         # The literal check runs before the cache, so no cached entry can serve a refused address.
         target = self._check(with_default_scheme(url))
         key = cache_key("fetch", normalize_url(str(target.url)))
-        cached = await self._cache_get(key)
+        cached = await self._from_cache(key, page_from_json, "page")
         if cached is not None:
-            try:
-                return page_from_json(cached)
-            except (ValueError, TypeError, KeyError):
-                log.warning("ignoring an unreadable cached page")
+            return cached
         page = await self._fetch_uncached(target, url)
         await self._cache_set(key, page_to_json(page))
         return page
