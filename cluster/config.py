@@ -140,7 +140,7 @@ class ToolsConfig(Section):
 
 
 class Stage2Config(Section):
-    """Constants of the steerable step-level reward (DESIGN.md §5; paper Eq. 8)."""
+    """Constants of the steerable step-level reward (docs/rapo.md §2.2; paper Eq. 8)."""
 
     c_search: float = Field(0.2, ge=0)
     c_query: float = Field(0.2, ge=0)

@@ -1,4 +1,4 @@
-"""RAPO advantage pieces on top of GRPO (DESIGN.md §6), as pure numpy functions.
+"""RAPO advantage pieces on top of GRPO (docs/rapo.md §3), as pure numpy functions.
 
 Rewards arrive as a [G, n] matrix: one row per question (group), one column per rollout.
 A group with no reward spread ("bad" group) carries no learning signal; RAPO restores the

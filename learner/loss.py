@@ -1,4 +1,4 @@
-"""RAPO/GRPO policy-loss pieces (DESIGN.md §6) as pure functions on tensors.
+"""RAPO/GRPO policy-loss pieces (docs/rapo.md §4) as pure functions on tensors.
 
 Shapes: per-token tensors are [B, T] (sequences × positions); ``mask`` is the loss mask
 (1 on policy-generated tokens, 0 on prompt, tool responses and padding). Values at masked

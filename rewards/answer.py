@@ -1,6 +1,6 @@
 """Rule-based answer judge: normalised exact match against the gold answer and its aliases.
 
-This is the offline default judge (DESIGN.md §7). It is deliberately strict: a model that
+This is the offline default judge (docs/rapo.md §2.4). It is deliberately strict: a model that
 pads its answer ("Paris, France" for "Paris") is wrong, because a lenient judge teaches the
 policy to hedge. The LLM judge is where semantic equivalence belongs.
 """

@@ -1,4 +1,4 @@
-"""Reward formulas of DESIGN.md §5: the stage-1 outcome reward and the stage-2 step-level reward.
+"""Reward formulas of docs/rapo.md §2: the stage-1 outcome reward and the stage-2 step-level reward.
 
 Pure arithmetic on already-judged facts (format ok, answer correct, one label per tool call);
 the judge and the labeller live elsewhere.
@@ -98,7 +98,7 @@ def stage2_reward(
     cap_query: float = 16,
     clamp_delta: bool = False,
 ) -> float:
-    """Steerable step-level reward (paper Eq. 7–8, DESIGN.md §5).
+    """Steerable step-level reward (paper Eq. 7–8, docs/rapo.md §2.2).
 
     Correct:   w·R_format + max(1 − ρ, 0.5)                        → [0.5, 1 + w]
     Incorrect: w·R_format + c_S·min(1, Δ_S/C_S) + c_Q·min(1, Δ_Q/C_Q) → at most w + c_S + c_Q

@@ -3,7 +3,7 @@
 One HTTP call judges one answer, and one call labels a whole trajectory (the labels of later
 calls depend on earlier ones, so they are judged together). Replies must be JSON that
 validates; anything else is retried like a transport error, with exponential backoff and
-jitter, and after the last retry the caller's rule-based path answers instead (DESIGN.md §5:
+jitter, and after the last retry the caller's rule-based path answers instead (docs/rapo.md §2.4:
 judge failures fall back and are counted, never silently scored 0). Identical judgements
 are served from a cache, or shared with an identical one in flight, so they are paid once.
 
@@ -150,7 +150,7 @@ FAILURE_REASONS = ("http_429", "http_5xx", "http_4xx", "timeout", "connection", 
 
 @dataclass
 class JudgeStats:
-    """Everything the judge did, for metrics: the lead's actor pool sums these across actors."""
+    """Everything the judge did, for metrics: RewardPool.stats sums these over the reward-labeller actors."""
 
     answer_judgements: int = 0
     label_judgements: int = 0

@@ -1,6 +1,6 @@
 """Rule-based step labeller: one stage-2 label per tool call, from the call history alone.
 
-This is the offline default (DESIGN.md §5, §7) and the fallback when the LLM labeller fails.
+This is the offline default (docs/rapo.md §2.3) and the fallback when the LLM labeller fails.
 The paper's labels are semantic judgements by GPT-4.1; here "semantically the same" is
 approximated by token-set similarity of queries and goals (the tokenizer of the search
 index, so plurals and stopwords do not make two queries look different) and by overlap of

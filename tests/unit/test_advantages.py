@@ -1,4 +1,4 @@
-"""RAPO advantage pieces (DESIGN.md §6) against hand-worked numbers and properties."""
+"""RAPO advantage pieces (docs/rapo.md §3) against hand-worked numbers and properties."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ EPS = 1e-6
 
 
 def test_matches_verl_cross_check_sample_std() -> None:
-    # peer-systems.md §10.1: A = [1,0,0,1]: mean 0.5, sample std sqrt(4·0.25/3) = 0.57735
+    # Worked as verl's compute_grpo_outcome_advantage does (unbiased std, eps added to the std):
+    # A = [1,0,0,1]: mean 0.5, sample std sqrt(4·0.25/3) = 0.57735
     # → ±0.5/(0.57735 + 1e-6) = ±0.866024; B = [1,1,1,0]: mean 0.75, std 0.5 → 0.25/0.5 = 0.5,
     # −0.75/0.5 = −1.5 (each shrunk by eps); C = [0.5]×4 → zeros.
     adv = group_advantages(np.array([[1, 0, 0, 1], [1, 1, 1, 0], [0.5] * 4], dtype=float))

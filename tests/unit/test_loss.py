@@ -1,4 +1,4 @@
-"""Policy-loss pieces (DESIGN.md §6) against hand-worked numbers and the DP-split property."""
+"""Policy-loss pieces (docs/rapo.md §4) against hand-worked numbers and the DP-split property."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Answer judge and reward formulas (DESIGN.md §5) against hand-worked numbers and bounds."""
+"""Answer judge and reward formulas (docs/rapo.md §2) against hand-worked numbers and bounds."""
 
 from __future__ import annotations
 
