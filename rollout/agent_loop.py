@@ -9,15 +9,27 @@ engine sampled.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
-from rollout.chat_format import IM_END, SYSTEM_PROMPT, extract_boxed, parse_tool_calls, prompt_text, tool_turn_text, turn_is_well_formed
+from rollout.chat_format import (
+    IM_END,
+    SYSTEM_PROMPT,
+    extract_boxed,
+    parse_tool_calls,
+    prompt_pieces,
+    tool_turn_pieces,
+    turn_is_well_formed,
+)
 from rollout.engine import Engine, SamplingConfig
+from rollout.safe_encode import encode_pieces
 from rollout.tools.toolbox import Toolbox
 from rollout.types import Question, ToolCall, Trajectory
 
 # Statuses that mean the model wrote a bad call; a backend failure (page not found) is not the model's format fault.
 FORMAT_ERRORS = {"malformed", "unknown_tool", "bad_arguments"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,14 @@ class EpisodeSampling:
     seed: int | None = None
 
 
+@dataclass
+class _EpisodeState:
+    """What an episode has built so far, kept by run() when the episode fails part way."""
+
+    ids: list[int] = field(default_factory=list)
+    prompt_length: int = 0
+
+
 class AgentLoop:
     def __init__(self, engine: Engine, toolbox: Toolbox, tokenizer, limits: EpisodeLimits, system_prompt: str = SYSTEM_PROMPT):
         self.engine = engine
@@ -44,20 +64,36 @@ class AgentLoop:
         self.limits = limits
         self.system_prompt = system_prompt
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, pieces) -> list[int]:
+        """Template pieces to ids; questions and tool results never become control tokens."""
+        return encode_pieces(self.tokenizer, pieces)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     async def run(self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str) -> Trajectory:
+        """One episode. Whatever fails inside it (encoding, engine, tools) ends this episode only: the
+        trajectory comes back with finish_reason "error" and the error recorded, its tokens kept but
+        none trained on. Cancellation still propagates."""
+        state = _EpisodeState()
+        try:
+            return await self._play(question, sample_index, sampling, request_id, state)
+        except Exception as e:  # noqa: BLE001 - the error boundary of one episode
+            log.warning("episode %s/%d failed: %s: %s", question.id, sample_index, type(e).__name__, str(e)[:200])
+            return Trajectory.failed(question.id, sample_index, e, token_ids=state.ids, prompt_length=state.prompt_length,
+                                     version=self.engine.version)
+
+    async def _play(self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str,
+                    state: "_EpisodeState") -> Trajectory:
         limits = self.limits
-        ids = self.encode(prompt_text(question.question, self.system_prompt))
-        if len(ids) + limits.min_turn_tokens > limits.max_model_len:
+        prompt = self.encode(prompt_pieces(question.question, self.system_prompt))
+        if len(prompt) + limits.min_turn_tokens > limits.max_model_len:
             raise ValueError(
-                f"question {question.id}: the prompt is {len(ids)} tokens, too long for rollout.max_model_len={limits.max_model_len}"
+                f"question {question.id}: the prompt is {len(prompt)} tokens, too long for rollout.max_model_len={limits.max_model_len}"
             )
-        prompt_length = len(ids)
+        ids = state.ids
+        ids += prompt
+        prompt_length = state.prompt_length = len(ids)
         mask = [0] * prompt_length
         logps = [0.0] * prompt_length
         calls: list[ToolCall] = []
@@ -98,7 +134,7 @@ class AgentLoop:
             if len(calls) >= limits.max_tool_calls:
                 finish = "max_tool_calls"
                 break
-            observation = self.encode(tool_turn_text([r.result for r in results]))
+            observation = self.encode(tool_turn_pieces([r.result for r in results]))
             if len(ids) + len(observation) + limits.min_turn_tokens > limits.max_model_len:
                 finish = "context"
                 break

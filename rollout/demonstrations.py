@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
-from rollout.chat_format import IM_END, ParsedCall, prompt_text, tool_turn_text
+from rollout.chat_format import IM_END, ParsedCall, prompt_pieces, tool_turn_pieces
 from rollout.demo_world import Hop
+from rollout.safe_encode import encode_pieces
 from rollout.tools.toolbox import Toolbox
 from rollout.types import Question, Trajectory
 
@@ -25,7 +26,7 @@ async def gold_trajectory(question: Question, plan: list[Hop], toolbox: Toolbox,
     demonstration that reads a URL it never saw would teach inventing URLs.
     """
     encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    ids = encode(prompt_text(question.question))
+    ids = encode_pieces(tokenizer, prompt_pieces(question.question))
     mask = [0] * len(ids)
     calls = []
 
@@ -35,7 +36,7 @@ async def gold_trajectory(question: Question, plan: list[Hop], toolbox: Toolbox,
         mask.extend([1] * len(piece))
 
     def observe(result: str) -> None:
-        piece = encode(tool_turn_text([result]))
+        piece = encode_pieces(tokenizer, tool_turn_pieces([result]))
         ids.extend(piece)
         mask.extend([0] * len(piece))
 

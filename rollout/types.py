@@ -15,6 +15,13 @@ from typing import Any
 import numpy as np
 
 
+def describe_error(error: BaseException | str, limit: int = 500) -> str:
+    """One line for a failed episode's record: the exception type and the start of its message."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
 @dataclass(frozen=True)
 class Question:
     id: str
@@ -55,7 +62,8 @@ class Trajectory:
     tool_calls: list[ToolCall] = field(default_factory=list)
     final_text: str = ""
     answer: str | None = None
-    # "answered" (a turn without tool calls), "max_tool_calls", "context", "turn_length", "aborted".
+    # "answered" (a turn without tool calls), "max_tool_calls", "context", "turn_length", "aborted",
+    # "error" (the episode failed; `error` says why).
     finish_reason: str = "answered"
     num_turns: int = 0
     format_ok: bool = False
@@ -67,6 +75,19 @@ class Trajectory:
     labels: list[str] = field(default_factory=list)
     replayed: bool = False
     worker: str = ""
+    # Why the episode failed (an engine, tool, parse or judge error), "" when it did not. A failed
+    # episode keeps its tokens for the record but trains none of them (loss mask 0) and gets reward 0.
+    error: str = ""
+
+    @classmethod
+    def failed(cls, question_id: str, sample_index: int, error: BaseException | str, *, token_ids: list[int] | None = None,
+               prompt_length: int = 0, version: int = 0) -> "Trajectory":
+        ids = list(token_ids or [])
+        return cls(
+            question_id=question_id, sample_index=sample_index, token_ids=ids, loss_mask=[0] * len(ids),
+            behaviour_logprobs=[0.0] * len(ids), prompt_length=prompt_length, finish_reason="error",
+            policy_version_start=version, policy_version_end=version, error=describe_error(error),
+        )
 
     @property
     def generated_tokens(self) -> int:
