@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pydantic_core
 
@@ -74,3 +76,58 @@ def loads(text: str | bytes, *, max_chars: int, max_depth: int = MAX_DEPTH) -> A
     if levels > max_depth:
         raise JSONInputError(f"nested deeper than {max_depth} levels")
     return value
+
+
+# A dataset row or a corpus page; a longer line is a broken file (or not a JSONL file at all).
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+
+def jsonl_rows(
+    path: str | Path, *, error: type[ValueError], example: str, max_line_bytes: int = MAX_LINE_BYTES,
+    stream: BinaryIO | None = None,
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "FILE: line N", row) for every non-blank line of a JSONL file of objects.
+
+    Everything wrong with the file raises `error` with a message naming the file and line and what
+    to fix: missing, a directory, unreadable, not UTF-8, a line too long, not JSON, not an object.
+    `stream` reads the lines from an open binary file instead, `path` only naming it in messages.
+    """
+    path = Path(path)
+    if stream is None:
+        if path.is_dir():
+            raise error(f"{path} is a directory; give the path of a JSONL file (one JSON object per line)")
+        try:
+            stream = path.open("rb")
+        except FileNotFoundError:
+            raise error(f"{path} does not exist") from None
+        except OSError as e:
+            raise error(f"cannot read {path}: {e.strerror}") from None
+    with stream as fh:
+        n = 0
+        while raw := fh.readline(max_line_bytes + 1):
+            n += 1
+            where = f"{path}: line {n}"
+            if len(raw) > max_line_bytes:
+                raise error(f"{where}: longer than {max_line_bytes} bytes; is this a JSONL file (one object per line)?")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(
+                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8"
+                ) from None
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if not line.strip():
+                continue
+            try:
+                row = loads(line, max_chars=max_line_bytes)
+            except JSONInputError as e:
+                raise error(f"{where}: invalid JSON ({e.msg} at column {e.column}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise error(f"{where}: expected a JSON object {example}, got {_json_kind(row)}")
+            yield n, where, row
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)

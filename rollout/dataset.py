@@ -2,7 +2,9 @@
 
 Rows are `{"id"?, "question", "answer", "aliases"?}`; MuSiQue's `answer_aliases` counts as
 aliases and other keys are ignored. A bad row stops loading with the file, the line and the
-field, because a question without a usable gold answer would silently score 0 forever.
+field, because a question without a usable gold answer would silently score 0 forever: that
+includes a gold answer that the judge's normalisation empties ("The", "a", "...").
+Files are read as untrusted input: not UTF-8, too-long lines and deep nesting are errors too.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from rewards.answer import normalize_answer
+from rollout.bounded_json import jsonl_rows
 from rollout.types import Question
 
 # MuSiQue ids start with the hop count: "2hop__13548_13529", "3hop1__..."
@@ -52,8 +56,17 @@ def _aliases(row: dict[str, Any], where: str) -> tuple[str, ...]:
             if not v.strip():
                 # An empty alias would accept an empty model answer as correct.
                 raise DatasetError(f"{where}: field {field!r} item {i} is empty; remove it or give the alias text")
+            _judgeable(v, f"{field!r} item {i}", where)
             found.append(v.strip())
     return tuple(dict.fromkeys(found))
+
+
+def _judgeable(gold: str, what: str, where: str) -> None:
+    if not normalize_answer(gold):
+        raise DatasetError(
+            f"{where}: field {what} {gold[:60]!r} is only articles or punctuation, which answer matching ignores; "
+            "no answer could ever match it: give the answer itself"
+        )
 
 
 def _hops(row: dict[str, Any], qid: str, where: str) -> int:
@@ -75,35 +88,23 @@ def _row_id(row: dict[str, Any], n: int, where: str) -> str:
     return str(qid).strip()
 
 
-def load_questions_jsonl(path: str | Path) -> list[Question]:
-    """Questions from a JSONL file, in file order; blank lines are skipped."""
+def load_questions_jsonl(path: str | Path, *, stream: BinaryIO | None = None) -> list[Question]:
+    """Questions from a JSONL file (or a binary `stream` that `path` names), in file order; blank lines are skipped."""
     path = Path(path)
     questions: list[Question] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(
-                    f"{where}: invalid JSON ({e.msg} at column {e.colno}); write one JSON object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise DatasetError(
-                    f'{where}: expected a JSON object {{"question": ..., "answer": ...}}, got {type(row).__name__}'
-                )
-            qid = _row_id(row, n, where)
-            if qid in seen:
-                raise DatasetError(f"{where}: field 'id' {qid!r} duplicates line {seen[qid]}; ids must be unique")
-            seen[qid] = n
-            question = _text_field(row, "question", where, "every row needs the question text")
-            answer = _text_field(row, "answer", where, "every row needs a gold answer")
-            aliases = tuple(a for a in _aliases(row, where) if a != answer)
-            hops = _hops(row, qid, where)
-            questions.append(Question(id=qid, question=question, answer=answer, aliases=aliases, hops=hops))
+    rows = jsonl_rows(path, error=DatasetError, example='{"question": ..., "answer": ...}', stream=stream)
+    for n, where, row in rows:
+        qid = _row_id(row, n, where)
+        if qid in seen:
+            raise DatasetError(f"{where}: field 'id' {qid!r} duplicates line {seen[qid]}; ids must be unique")
+        seen[qid] = n
+        question = _text_field(row, "question", where, "every row needs the question text")
+        answer = _text_field(row, "answer", where, "every row needs a gold answer")
+        _judgeable(answer, "'answer'", where)
+        aliases = tuple(a for a in _aliases(row, where) if a != answer)
+        hops = _hops(row, qid, where)
+        questions.append(Question(id=qid, question=question, answer=answer, aliases=aliases, hops=hops))
     if not questions:
         raise DatasetError(f"{path}: no questions found; the file is empty (write one JSON object per line)")
     return questions

@@ -6,7 +6,6 @@ Search and extraction share one tokenizer (rollout.tools.passages.tokenize).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from rank_bm25 import BM25Plus
 
+from rollout.bounded_json import jsonl_rows
 from rollout.tools.base import Page, SearchHit, ToolError
 from rollout.tools.passages import tokenize
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be used as is; the message names the file, the line and what to fix."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class CorpusBackend:
 def _required_text(row: dict, field: str, where: str) -> str:
     value = row.get(field)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {field!r} is missing or empty; every row needs a non-empty string {field}")
+        raise CorpusError(f"{where}: field {field!r} is missing or empty; every row needs a non-empty string {field}")
     return value
 
 
@@ -128,33 +132,21 @@ def load_corpus_jsonl(path: str | Path) -> list[Document]:
     path = Path(path)
     documents: list[Document] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{where}: invalid JSON ({e.msg} at column {e.colno}); write one JSON object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f'{where}: expected a JSON object {{"url", "title", "text"}}, got {type(row).__name__}')
-            url = _required_text(row, "url", where).strip()
-            text = _required_text(row, "text", where)
-            title = row.get("title", "")
-            if title is None:
-                title = ""
-            if not isinstance(title, str):
-                raise ValueError(f"{where}: field 'title' must be a string, got {type(title).__name__}")
-            key = normalize_url(url)
-            if key in seen:
-                raise ValueError(
-                    f"{where}: field 'url' {url!r} duplicates line {seen[key]}; each page must appear once"
-                )
-            seen[key] = n
-            documents.append(Document(url=url, title=title.strip(), text=text))
+    for n, where, row in jsonl_rows(path, error=CorpusError, example='{"url", "title", "text"}'):
+        url = _required_text(row, "url", where).strip()
+        text = _required_text(row, "text", where)
+        title = row.get("title", "")
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            raise CorpusError(f"{where}: field 'title' must be a string, got {type(title).__name__}")
+        key = normalize_url(url)
+        if key in seen:
+            raise CorpusError(
+                f"{where}: field 'url' {url!r} duplicates line {seen[key]}; each page must appear once"
+            )
+        seen[key] = n
+        documents.append(Document(url=url, title=title.strip(), text=text))
     if not documents:
-        raise ValueError(f"{path}: no documents found; the file is empty (write one JSON object per line)")
+        raise CorpusError(f"{path}: no documents found; the file is empty (write one JSON object per line)")
     return documents

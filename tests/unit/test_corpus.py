@@ -190,3 +190,17 @@ def test_load_corpus_empty_file(tmp_path):
     path = write_lines(tmp_path, ["", "  "])
     with pytest.raises(ValueError, match="no documents"):
         load_corpus_jsonl(path)
+
+
+def test_load_corpus_unreadable_files_name_the_problem(tmp_path):
+    from rollout.tools.corpus import CorpusError
+
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps({"url": "https://a.example/1", "text": "Café"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(CorpusError, match=f"^{latin}: line 1: not UTF-8"):
+        load_corpus_jsonl(latin)
+    with pytest.raises(CorpusError, match=f"^{tmp_path} is a directory"):
+        load_corpus_jsonl(tmp_path)
+    deep = write_lines(tmp_path, ['{"url": "https://a.example/1", "text": "x", "m": ' + "[" * 5000 + "]" * 5000 + "}"])
+    with pytest.raises(CorpusError, match="line 1: invalid JSON \\(nested deeper than 32 levels"):
+        load_corpus_jsonl(deep)

@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -51,7 +52,7 @@ GOOD = json.dumps({"id": "a", "question": "q?", "answer": "x"})
         (json.dumps({"question": {"text": "q?"}, "answer": "x"}), "field 'question' must be a string (or a number), got an object"),
         (json.dumps({"question": "q?", "answer": "x", "aliases": None, "answer_aliases": {"y": 1}}),
          "field 'answer_aliases' must be a list of strings"),
-        ('{"question": "q?", "answer": "x"} trailing', "invalid JSON (Extra data at column 35)"),
+        ('{"question": "q?", "answer": "x"} trailing', "invalid JSON (trailing characters at column 35)"),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"question": "q?", "answer": "x", "aliases": "y"}), "field 'aliases' must be a list of strings"),
         (json.dumps({"question": "q?", "answer": "x", "aliases": ["y", 3]}), "field 'aliases' must be a list of strings"),
@@ -115,3 +116,88 @@ def test_split_properties(n, fraction, seed):
     if n >= 2:
         assert train and heldout
         assert abs(len(heldout) - fraction * n) <= 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (json.dumps({"question": "q?", "answer": "The"}), "field 'answer' 'The' is only articles or punctuation"),
+        (json.dumps({"question": "q?", "answer": "a"}), "field 'answer' 'a' is only articles or punctuation"),
+        (json.dumps({"question": "q?", "answer": "..."}), "field 'answer' '...' is only articles or punctuation"),
+        (json.dumps({"question": "q?", "answer": "x", "aliases": ["An"]}), "field 'aliases' item 0 'An' is only"),
+        ('{"question": "q?", "answer": "x", "meta": ' + "[" * 100000 + "]" * 100000 + "}", "nested deeper than 32"),
+        ("[" * 100000, "invalid JSON (nested deeper than 32 levels"),
+        ('{"question": "q?", "answer": NaN}', "invalid JSON"),
+    ],
+)
+def test_rows_that_load_but_cannot_work_are_refused(tmp_path, bad, expected):
+    path = write(tmp_path, [GOOD, "", bad])
+    with pytest.raises(DatasetError) as err:
+        load_questions_jsonl(path)
+    assert str(err.value).startswith(f"{path}: line 3: ") and expected in str(err.value)
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n" + json.dumps({"question": "Café?", "answer": "x"}, ensure_ascii=False) + "\n").encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"^{path}: line 2: not UTF-8 \(byte 0xe9 at column 18\); save the file as UTF-8"):
+        load_questions_jsonl(path)
+
+
+@pytest.mark.parametrize(("make", "expected"), [("dir", "is a directory"), ("missing", "does not exist")])
+def test_a_path_that_is_not_a_file(tmp_path, make, expected):
+    path = tmp_path / "data"
+    if make == "dir":
+        path.mkdir()
+    with pytest.raises(DatasetError, match=f"^{path} {expected}"):
+        load_questions_jsonl(path)
+
+
+def test_an_overlong_line_is_refused_without_reading_the_rest(tmp_path):
+    from rollout import bounded_json
+
+    path = tmp_path / "one-line.jsonl"
+    path.write_text('{"question": "' + "x" * 5000 + '", "answer": "x"}\n')
+    rows = bounded_json.jsonl_rows(path, error=DatasetError, example="{}", max_line_bytes=1000)
+    with pytest.raises(DatasetError, match="line 1: longer than 1000 bytes"):
+        next(rows)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    assert [q.id for q in load_questions_jsonl(path)] == ["a"]
+
+
+# Any bytes: the loader either loads questions or raises DatasetError, never anything else; a file it
+# loads round-trips (writing the questions back out loads the same questions). Values are drawn from
+# a fixed menu of troublemakers (cheap to generate, so thousands of cases run in seconds).
+_MISSING = object()
+_VALUES = ["Who?", "", "  ", None, 7, 1.5, True, ["x"], {"t": 1}, "<|im_end|>", "Caf\u00e9", "The", "...", "a", "Paris",
+           "x" * 300, _MISSING]
+
+
+def _row(question, answer, qid, aliases, hops) -> bytes:
+    fields = (("question", question), ("answer", answer), ("id", qid), ("aliases", aliases), ("hops", hops))
+    return json.dumps({k: v for k, v in fields if v is not _MISSING}).encode()
+
+
+_rows = st.one_of(
+    st.binary(max_size=40),
+    st.builds(_row, *[st.sampled_from(_VALUES)] * 3, st.sampled_from([_MISSING, [], ["NYC"], [""], ["the"], "x", [1]]),
+              st.sampled_from([_MISSING, 1, 0, -1, 3, "2", True])),
+)
+
+
+@settings(max_examples=2500, deadline=None, database=None)
+@given(st.lists(_rows, max_size=4))
+def test_fuzz_loader_raises_only_dataset_errors_and_round_trips(rows):
+    try:
+        questions = load_questions_jsonl("fuzz.jsonl", stream=io.BytesIO(b"\n".join(rows)))
+    except DatasetError as e:
+        assert str(e).startswith("fuzz.jsonl")
+        return
+    again = [{"id": q.id, "question": q.question, "answer": q.answer, "aliases": list(q.aliases), "hops": q.hops}
+             for q in questions]
+    data = "\n".join(json.dumps(r) for r in again).encode()
+    assert load_questions_jsonl("again.jsonl", stream=io.BytesIO(data)) == questions
