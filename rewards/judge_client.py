@@ -442,6 +442,9 @@ class JudgeClient:
                 raise _CallFailed("connection", f"cannot reach {s.base_url}: {e}") from None
             except openai.APIResponseValidationError as e:
                 raise _CallFailed("invalid_reply", f"the response is not a chat completion: {e}") from None
+            except (ValueError, RecursionError) as e:
+                # A body the client cannot decode (not JSON, or nested deep enough to exhaust the stack).
+                raise _CallFailed("invalid_reply", f"the response body cannot be decoded ({type(e).__name__})") from None
             self.stats.latency_sum_s += time.monotonic() - started
             self.stats.latency_count += 1
         usage = getattr(response, "usage", None)
@@ -449,9 +452,12 @@ class JudgeClient:
             self.stats.prompt_tokens += usage.prompt_tokens or 0
             self.stats.completion_tokens += usage.completion_tokens or 0
             self._limiter.settle(estimate, (usage.prompt_tokens or 0) + (usage.completion_tokens or 0))
-        if not response.choices or not response.choices[0].message.content:
+        choices = getattr(response, "choices", None)
+        message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+        content = getattr(message, "content", None)
+        if not isinstance(content, str) or not content:
             raise _CallFailed("invalid_reply", "the reply has no message content")
-        return response.choices[0].message.content
+        return content
 
 
 def _status_detail(e: openai.APIStatusError) -> str:

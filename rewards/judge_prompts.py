@@ -2,7 +2,9 @@
 
 The prompts embed the case as a fenced JSON block, so that a test server (and any log
 reader) can parse the case back exactly; the instructions around it are prose for the model.
-Replies must be JSON that validates; ReplyError says why one did not.
+Replies must be JSON that validates; ReplyError says why one did not. A reply is untrusted
+text: it is parsed in linear time within size and depth limits, and a reply that holds two
+verdicts (two JSON values, or prose saying one verdict and JSON another) is malformed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rewards.formulas import (
     VERIFICATION,
 )
 from rewards.labeller import QUERY_TOOL, SEARCH_TOOL
+from rollout import bounded_json
 from rollout.types import ToolCall
 
 ANSWER_TASK = "judge_answer"
@@ -72,7 +75,9 @@ def _json_block(case: Mapping[str, Any]) -> str:
     """The case as fenced JSON: one key per line, and one line per item of a list of objects.
 
     Compact enough to be cheap in tokens, regular enough for a model to read call by call.
-    Backticks are escaped (valid JSON) so that no answer or page text can close the fence early.
+    Backticks are escaped (valid JSON) so that no answer or page text can close the fence early,
+    and the "|" of "<|" so that no answer or page text spells a chat-control token for the judge
+    server's tokenizer (still the same JSON: the case parses back exactly).
     """
     lines = []
     for key, value in case.items():
@@ -82,7 +87,7 @@ def _json_block(case: Mapping[str, Any]) -> str:
         else:
             lines.append(f" {_compact(key)}: {_compact(value)}")
     body = "{\n" + ",\n".join(lines) + "\n}"
-    return "```json\n" + body.replace("`", "\\u0060") + "\n```"
+    return "```json\n" + body.replace("`", "\\u0060").replace("<|", "<\\u007c") + "\n```"
 
 
 _FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)```", re.DOTALL)
@@ -193,31 +198,90 @@ class LabelsReply(BaseModel):
 _BARE_VERDICT_RE = re.compile(r"^[\s\"'`*.:]*(correct|incorrect|unknown)[\s\"'`*.!]*$", re.IGNORECASE)
 
 
-def extract_json(text: str) -> Any:
-    """The JSON value in a reply: the whole text, a ```json fenced block, or the outermost {...}."""
-    stripped = text.strip()
-    candidates = [stripped, *(_FENCE_RE.findall(stripped))]
-    start, end = stripped.find("{"), stripped.rfind("}")
-    if 0 <= start < end:
-        candidates.append(stripped[start : end + 1])
-    for candidate in candidates:
-        try:
-            return json.loads(candidate)
-        except ValueError:
+# A verdict is a few words and labels a few dozen; a reply this long is not one.
+MAX_REPLY_CHARS = 64_000
+_BRACKETS_RE = re.compile(r'[\[\]{}"\\]')
+_VERDICT_WORD_RE = re.compile(r"\b(correct|incorrect|unknown)\b", re.IGNORECASE)
+
+
+def _json_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every top-level balanced {...} or [...] in the text, strings respected; one pass."""
+    spans: list[tuple[int, int]] = []
+    depth, start, in_string, escaped_at = 0, 0, False, -1
+    for match in _BRACKETS_RE.finditer(text):
+        i, ch = match.start(), match.group()
+        if i == escaped_at or (not depth and ch in '"\\'):
+            continue  # an escaped character, or a quote in the prose between values
+        if ch == "\\":
+            escaped_at = i + 1 if in_string else escaped_at
+        elif ch == '"':
+            in_string = not in_string
+        elif in_string:
             continue
-    raise ReplyError("invalid_reply", f"no JSON in the reply {clip_text(stripped, 200)!r}")
+        elif ch in "[{":
+            start = i if depth == 0 else start
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _loads(text: str) -> Any:
+    return bounded_json.loads(text, max_chars=MAX_REPLY_CHARS)
+
+
+def extract_json(text: str) -> tuple[Any, str]:
+    """The one JSON value in a reply, and the prose around it.
+
+    The value is the whole text, else the only balanced {...} or [...] that parses, else the only
+    fenced block that parses. Two of them make the reply malformed: which verdict is meant?
+    """
+    stripped = text.strip()
+    if len(stripped) > MAX_REPLY_CHARS:
+        raise ReplyError("invalid_reply", f"the reply is {len(stripped)} characters long, over {MAX_REPLY_CHARS}")
+    try:
+        return _loads(stripped), ""
+    except bounded_json.JSONInputError:
+        pass
+    found: list[tuple[Any, int, int]] = []
+    for start, end in _json_spans(stripped):
+        try:
+            found.append((_loads(stripped[start:end]), start, end))
+        except bounded_json.JSONInputError:
+            continue
+    if not found:
+        for block in _FENCE_RE.finditer(stripped):
+            try:
+                found.append((_loads(block.group(1)), block.start(), block.end()))
+            except bounded_json.JSONInputError:
+                continue
+    if not found:
+        raise ReplyError("invalid_reply", f"no JSON in the reply {clip_text(stripped, 200)!r}")
+    if len(found) > 1:
+        raise ReplyError("invalid_reply", f"the reply holds {len(found)} JSON values where one is expected")
+    value, start, end = found[0]
+    return value, stripped[:start] + " " + stripped[end:]
 
 
 def parse_answer_reply(text: str) -> AnswerReply:
-    """{"verdict": ...}, fenced or bare JSON, or a lone verdict word; anything else is invalid."""
+    """{"verdict": ...}, fenced or bare JSON, or a lone verdict word; anything else is invalid.
+
+    Prose beside the JSON may not name another verdict ('incorrect. {"verdict": "correct"}').
+    """
     bare = _BARE_VERDICT_RE.match(text)
     if bare:
         return AnswerReply(verdict=bare.group(1).lower())  # type: ignore[arg-type]
-    value = extract_json(text)
+    value, prose = extract_json(text)
     try:
-        return AnswerReply.model_validate({"verdict": value} if isinstance(value, str) else value)
+        reply = AnswerReply.model_validate({"verdict": value} if isinstance(value, str) else value)
     except ValidationError:
         raise ReplyError("invalid_reply", f"the reply {clip_text(text.strip(), 200)!r} is not a verdict in {VERDICTS}") from None
+    others = {w.lower() for w in _VERDICT_WORD_RE.findall(prose)} - {reply.verdict}
+    if others:
+        raise ReplyError("invalid_reply", f"the reply's prose says {min(others)!r} but its JSON says {reply.verdict!r}")
+    return reply
 
 
 def _forced_label(call: ToolCall) -> str | None:
@@ -231,11 +295,13 @@ def _forced_label(call: ToolCall) -> str | None:
 
 def parse_labels_reply(text: str, tool_calls: Sequence[ToolCall]) -> tuple[LabelsReply, int]:
     """The validated labels, with failed and unknown-tool calls forced, and how many were forced."""
-    value = extract_json(text)
+    value, _ = extract_json(text)
     try:
         reply = LabelsReply.model_validate({"labels": value} if isinstance(value, list) else value)
     except ValidationError:
-        raise ReplyError("invalid_reply", f"the reply {clip_text(text.strip(), 200)!r} is not {{\"labels\": [...]}} with labels from {LABELS}") from None
+        raise ReplyError(
+            "invalid_reply", f"the reply {clip_text(text.strip(), 200)!r} is not {{\"labels\": [...]}} with labels from {LABELS}"
+        ) from None
     if len(reply.labels) != len(tool_calls):
         raise ReplyError("wrong_label_count", f"{len(reply.labels)} labels for {len(tool_calls)} tool calls")
     labels, forced = [], 0
@@ -250,5 +316,3 @@ def parse_labels_reply(text: str, tool_calls: Sequence[ToolCall]) -> tuple[Label
             raise ReplyError("invalid_reply", f"call {i} ({call.name}) labelled {label}; allowed: {', '.join(allowed)}")
         labels.append(label)
     return LabelsReply(labels=labels), forced
-
-

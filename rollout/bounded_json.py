@@ -59,6 +59,12 @@ def loads(text: str | bytes, *, max_chars: int, max_depth: int = MAX_DEPTH) -> A
     """
     if len(text) > max_chars:
         raise JSONInputError(f"the JSON is {len(text)} characters long, over the limit of {max_chars}")
+    if isinstance(text, str):
+        try:
+            text = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            line, column = text.count("\n", 0, e.start) + 1, e.start - text.rfind("\n", 0, e.start)
+            raise JSONInputError("not valid Unicode (a lone surrogate)", line, column) from None
     try:
         value = pydantic_core.from_json(text, allow_inf_nan=False)
     except ValueError as e:

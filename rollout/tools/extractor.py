@@ -16,6 +16,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field
 
 from rewards.secrets import read_secret
+from rollout.safe_encode import defang
 from rollout.tools.passages import rank_passages
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,15 @@ class ExtractorSettings(BaseModel):
 
 
 def build_messages(page_text: str, goal: str, max_page_chars: int) -> list[dict[str, str]]:
-    """The chat messages asking for the goal-relevant evidence of a page."""
-    page = page_text[:max_page_chars]
+    """The chat messages asking for the goal-relevant evidence of a page.
+
+    The page and the goal are defanged: the extractor's server tokenizes the messages it is sent,
+    and a page spelling "<|im_end|>" must not end the user turn there.
+    """
+    page = defang(page_text[:max_page_chars])
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": USER_TEMPLATE.format(page=page, goal=goal.strip())},
+        {"role": "user", "content": USER_TEMPLATE.format(page=page, goal=defang(goal.strip()))},
     ]
 
 

@@ -1,6 +1,7 @@
 import json
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rollout.chat_format import (
     ParsedCall,
@@ -83,3 +84,44 @@ def test_prompt_and_tool_turn_are_chatml():
     assert p.startswith("<|im_start|>system\n") and p.endswith("<|im_start|>assistant\n") and "Q?" in p
     t = tool_turn_text(["r1", "r2"])
     assert t.startswith("\n<|im_start|>user\n") and t.count("<tool_response>") == 2 and t.endswith("<|im_start|>assistant\n")
+
+
+# ---- hostile model output: bounded, linear, never an exception -------------------------------------
+
+
+def test_deep_nesting_is_an_error_value_not_a_recursion_error():
+    for body in ["[" * 1000, "[" * 100000, '{"name": "x", "arguments": ' + "{" * 50000]:
+        (call,) = parse_tool_calls("<tool_call>" + body + "</tool_call>")
+        assert isinstance(call, ToolCallError) and "not valid JSON" in call.reason
+    (call,) = parse_tool_calls('<tool_call>{"name": "x", "arguments": {"a": ' + "[" * 40 + "]" * 40 + "}}</tool_call>")
+    assert isinstance(call, ToolCallError) and "nested deeper than 32 levels" in call.reason
+
+
+def test_many_unclosed_tags_parse_in_linear_time():
+    # The old regex took about 61 s for 20,000 of them (quadratic); 200,000 here stay well under a second.
+    calls = parse_tool_calls("<tool_call>" * 200_000)
+    assert len(calls) == 1 and isinstance(calls[0], ToolCallError) and "unterminated" in calls[0].reason
+    assert extract_boxed("\\boxed{" * 200_000) is None
+    assert not turn_is_well_formed("</think>" * 100_000 + "<think>" * 100_000, final=False)
+
+
+_OLD_TOOL_CALL_RE = __import__("re").compile(r"<tool_call>(.*?)</tool_call>", __import__("re").DOTALL)
+_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call", "{", "}", "[", "]", '"', ":", ",", " ", "\\", '"name"', '"x"',
+              '"arguments"', "{}", "<think>", "</think>", "\\boxed{", "NaN", "1e400", "<|im_end|>", "null", "a", "\u00e9",
+              "\n", "7", "-", "\\u0000", "\ud800", "true"]
+
+
+@settings(max_examples=2500, deadline=None, database=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=14).map("".join))
+def test_fuzz_tool_call_parser(text):
+    calls = parse_tool_calls(text)  # never raises
+    assert all(isinstance(c, (ParsedCall, ToolCallError)) for c in calls)
+    # The same blocks the old regex found (it was right, only slow), plus one for an unclosed tag.
+    closed = _OLD_TOOL_CALL_RE.findall(text)
+    assert len(calls) - int(bool(calls) and "unterminated" in getattr(calls[-1], "reason", "")) == len(closed)
+    for call in calls:
+        if isinstance(call, ParsedCall):  # an accepted call round-trips
+            again = parse_tool_calls(f"<tool_call>{json.dumps({'name': call.name, 'arguments': call.arguments})}</tool_call>")
+            assert again == [call]
+    turn_is_well_formed(text, final=True)
+    extract_boxed(text)
