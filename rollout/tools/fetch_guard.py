@@ -15,7 +15,8 @@ is checked twice:
 
 Operator escape hatches: `allow_hosts` lists exact hosts, as written in URLs, that skip the address
 checks (tests allow "127.0.0.1"; a run may allow an intranet mirror); `allow_private` admits private,
-loopback and link-local ranges but never cloud metadata endpoints, which no research page lives on.
+loopback and link-local ranges. Neither ever admits a cloud metadata endpoint (by name or by any
+spelling of its address), which no research page lives on.
 """
 
 from __future__ import annotations
@@ -152,14 +153,28 @@ def address_problem(ip: IPAddress) -> str | None:
     return None
 
 
+def is_metadata_host(host: str) -> bool:
+    """A cloud metadata endpoint by name, or by any spelling of its address."""
+    name = normalize_host(host)
+    if name in METADATA_HOSTS:
+        return True
+    ip = parse_ip_literal(name)
+    problem = address_problem(ip) if ip is not None else None
+    return problem is not None and problem.startswith(_METADATA_REASON)
+
+
 def refusal_reason(host: str, ip: IPAddress, *, allow_hosts: frozenset[str], allow_private: bool) -> str | None:
-    """The reason to refuse connecting to `ip` for `host` under the policy, or None to allow it."""
-    if host in allow_hosts:
-        return None
+    """The reason to refuse connecting to `ip` for `host` under the policy, or None to allow it.
+
+    Neither escape hatch opens a cloud metadata address: an allowed host that resolves to one is
+    refused like any other (a rebinding DNS answer is exactly how an allowed name would get there).
+    """
     problem = address_problem(ip)
     if problem is None:
         return None
-    if allow_private and not problem.startswith(_METADATA_REASON):
+    if problem.startswith(_METADATA_REASON):
+        return problem
+    if host in allow_hosts or allow_private:
         return None
     return problem
 
@@ -201,7 +216,7 @@ def check_url(
             # aiohttp rejects legacy numeric spellings; the canonical form fetches the same address.
             u = u.with_host(canonical)
         host = canonical
-    elif host in METADATA_HOSTS and host not in allowed:
+    elif host in METADATA_HOSTS:
         raise FetchRefused(f"refusing to fetch {shown}: {host} is {_METADATA_REASON}")
     return ParsedTarget(url=u, scheme=scheme, host=host, port=port, ip=ip)
 
@@ -233,7 +248,7 @@ async def checked_addresses(
         if reason is not None:
             raise FetchRefused(f"refusing to connect to {literal}: it is {reason}")
         return [literal]
-    if name in METADATA_HOSTS and name not in allowed:
+    if name in METADATA_HOSTS:
         raise FetchRefused(f"refusing to connect to {name}: it is {_METADATA_REASON}")
     try:
         answers = await (resolver or system_resolve)(name)

@@ -69,13 +69,23 @@ class WebToolsSettings(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     max_bytes: int = Field(3_000_000, ge=1024, description="larger responses are refused")
     max_redirects: int = Field(5, ge=0, le=20)
-    allow_hosts: list[str] = Field(default_factory=list, description="exact hosts exempt from the address guard")
+    allow_hosts: list[str] = Field(default_factory=list, description="exact hosts exempt from the address guard (never from its metadata check)")
     allow_private: bool = Field(False, description="admit private/loopback/link-local (never metadata) addresses")
     user_agent: str = "Mozilla/5.0 (compatible; rapo-cluster/0.1; research agent)"
     search_rps: float | None = Field(5.0, gt=0, description="search requests per second per worker; None: no limit")
     per_host_rps: float | None = Field(2.0, gt=0, description="page requests per second per host per worker")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="lifetime of cached searches and pages")
     retry_backoff_s: float = Field(0.5, ge=0, description="pause before the one retry")
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _no_metadata_hosts(cls, hosts: list[str]) -> list[str]:
+        from rollout.tools.fetch_guard import is_metadata_host
+
+        for host in hosts:
+            if is_metadata_host(host):
+                raise ValueError(f"{host!r} is a cloud metadata endpoint, which is never fetched; remove it")
+        return hosts
 
     @field_validator("search_url")
     @classmethod

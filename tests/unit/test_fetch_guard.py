@@ -218,7 +218,11 @@ def test_one_bad_address_among_many_is_enough_to_refuse(before, bad, after):
     resolver = fake_resolver({"h.test": answers})
     with pytest.raises(FetchRefused):
         run(checked_addresses("h.test", resolver))
-    assert run(checked_addresses("h.test", resolver, allow_hosts=frozenset({"h.test"})))
+    if address_problem(bad).startswith("a cloud metadata address"):
+        with pytest.raises(FetchRefused, match="metadata"):  # not even for an allowed host
+            run(checked_addresses("h.test", resolver, allow_hosts=frozenset({"h.test"})))
+    else:
+        assert run(checked_addresses("h.test", resolver, allow_hosts=frozenset({"h.test"})))
 
 
 def test_allow_hosts_is_by_name_not_by_address():
@@ -262,3 +266,25 @@ def test_guarded_resolver_returns_only_the_checked_addresses_of_the_asked_family
     ]
     assert [r["host"] for r in v4] == ["93.184.216.34"]
     assert all(r["hostname"] == "dual.test" for r in both)
+
+
+@pytest.mark.parametrize("answer", ["169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254", "100.100.100.200"])
+def test_an_allowed_host_resolving_to_a_metadata_address_is_refused(answer):
+    resolver = fake_resolver({"mirror.intranet": [answer]})
+    allow = frozenset({"mirror.intranet"})
+    with pytest.raises(FetchRefused, match="metadata"):
+        run(resolve_and_check("http://mirror.intranet/", resolver, allow_hosts=allow))
+    with pytest.raises(FetchRefused, match="metadata"):
+        run(resolve_and_check("http://mirror.intranet/", resolver, allow_hosts=allow, allow_private=True))
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "0xa9fea9fe", "[::ffff:169.254.169.254]", "metadata.google.internal"])
+def test_allow_hosts_cannot_name_a_metadata_endpoint(host):
+    from pydantic import ValidationError
+
+    from rollout.tools.web import WebToolsSettings
+
+    with pytest.raises(FetchRefused, match="metadata"):
+        check_url(f"http://{host}/latest/meta-data/", allow_hosts=frozenset({host.strip("[]")}))
+    with pytest.raises(ValidationError, match="cloud metadata endpoint"):
+        WebToolsSettings(allow_hosts=[host])
