@@ -1,14 +1,18 @@
 """The whole run's configuration: typed, validated before anything starts.
 
 Loaded from YAML, then ``section.key=value`` overrides from the command line. Unknown keys
-and bad values raise ConfigError with the dotted path of every offending field.
+and bad values raise ConfigError with the dotted path of every offending field; a file that
+is not UTF-8, not YAML or says a key twice names the file and the line; an override that goes
+below a value (``rollout.max_model_len.x=1``) says the path is wrong. Numbers must be finite.
+`check_local_files` checks what a command is about to read from this machine (model.path, data
+and corpus files); it is separate because a config submitted to a cluster names its files there.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -25,7 +29,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass gt/ge bounds (inf > 0) and then poison every step: no such value is ever meant.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def default_cache_dir() -> Path:
@@ -367,18 +372,53 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw
     return path, value
 
 
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a field that is a section (possibly optional), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(get_origin(a) is dict for a in get_args(annotation))
+
+
+def check_override_path(path: list[str], text: str) -> None:
+    """An override may only go through sections (and into mapping fields): `a.b.c` where `a.b` is a value is wrong."""
+    model: type[BaseModel] | None = RunConfig
+    for depth, part in enumerate(path[:-1]):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return  # an unknown key: validation names it
+        dotted = ".".join(path[: depth + 1])
+        if _is_mapping(field.annotation) and depth == len(path) - 2:
+            return  # e.g. rollout.resources.rollout=1
+        model = _section_type(field.annotation)
+        if model is None:
+            raise ConfigError(
+                f"override {text!r}: {dotted} is a value, not a section, so {'.'.join(path)} does not exist; "
+                f"write {dotted}=VALUE"
+            )
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
+        check_override_path(path, text)
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}  # an empty section in YAML ("judge:") is null
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part} is a value, not a section")
             node = child
@@ -386,19 +426,59 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" merges may legitimately repeat keys of the base
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise DuplicateKeyError(
+                    None, None, f"key {key!r} appears twice (first on line {first}); keep one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_config_file(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"config file {path}: line {line}: not UTF-8 (byte {raw[e.start]:#04x}); save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f": line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file {path}{where}: not valid YAML: {problem}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        data = loaded or {}
+    data: dict = _read_config_file(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
@@ -408,6 +488,30 @@ def config_from_dict(data: dict) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+
+
+def check_local_files(cfg: RunConfig) -> None:
+    """The files a command run here will read exist as what they should be; ConfigError names the field."""
+    problems = []
+    if cfg.model.source == "path" and cfg.model.path is not None:
+        path = Path(cfg.model.path).expanduser()
+        if not path.exists():
+            problems.append(f"model.path: {path} does not exist (model.source=path needs a Hugging Face model folder)")
+        elif not (path / "config.json").is_file():
+            problems.append(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    files = {"data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path}
+    if cfg.tools.backend == "corpus":
+        files["tools.corpus_path"] = cfg.tools.corpus_path
+    for field, value in files.items():
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            problems.append(f"{field}: {path} does not exist")
+        elif not path.is_file():
+            problems.append(f"{field}: {path} is not a file (give a JSONL file)")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:

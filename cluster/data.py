@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.config import RunConfig
+from cluster.config import ConfigError, RunConfig
 from rollout.dataset import load_questions_jsonl, split_questions
 from rollout.demo_world import build_demo_world
 from rollout.tools.corpus import Document, load_corpus_jsonl
@@ -35,8 +35,9 @@ def load_run_data(cfg: RunConfig) -> RunData:
         # The web backend searches the web: no local pages.
         documents = load_corpus_jsonl(cfg.tools.corpus_path) if cfg.tools.backend == "corpus" else []
     if len(train) < cfg.pipeline.questions_per_step:
-        raise ValueError(
-            f"{len(train)} training questions, fewer than pipeline.questions_per_step={cfg.pipeline.questions_per_step}"
+        raise ConfigError(
+            f"pipeline.questions_per_step={cfg.pipeline.questions_per_step} is more than the {len(train)} training "
+            "questions; lower it or give more questions"
         )
     # The held-out set is sampled once per world so that every eval of a run sees the same questions.
     return RunData(train, heldout[: d.eval_size], documents)

@@ -67,7 +67,7 @@ class JudgeUnavailableError(RuntimeError):
 class JudgeSettings(BaseModel):
     """Where the judge lives and how hard to push it. Holds no secret: the key is read at client creation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base_url: str
     # "judge" is the name `rapo serve-judge` serves its model under.

@@ -44,7 +44,7 @@ MIN_ANSWER_CHARS = 20
 
 
 class ExtractorSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://host:8000/v1")
     model: str

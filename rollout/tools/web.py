@@ -60,7 +60,7 @@ MAX_RATE_BUCKETS = 4096  # hosts with a bucket of their own, per worker
 
 
 class WebToolsSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     search_url: str = Field("https://google.serper.dev/search", description="Serper-style POST endpoint")
     search_api_key_env: str | None = Field("SERPER_API_KEY", description="env var holding the search API key")

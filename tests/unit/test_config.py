@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.config import ConfigError, RunConfig, apply_overrides, flatten, load_config
 
@@ -74,6 +76,91 @@ def test_model_path_switches_source(tmp_path):
     assert cfg.model.source == "path"
 
 
+# ---- values that load but cannot work, files that cannot be read ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("learner.lr=.inf", "learner.lr"),
+        ("rollout.temperature=.inf", "rollout.temperature"),
+        ("rollout.temperature=.nan", "rollout.temperature"),
+        ("learner.replay_threshold=.nan", "learner.replay_threshold"),
+        ("learner.betas=[0.9, .inf]", "learner.betas"),
+        ("rewards.judge={base_url: 'http://j/v1', timeout_s: .inf}", "rewards.judge.timeout_s"),
+    ],
+)
+def test_infinite_and_nan_numbers_are_refused(override, field):
+    with pytest.raises(ConfigError, match=f"{field}.*finite number"):
+        load_config(None, [override])
+
+
+def test_duplicate_yaml_keys_name_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("learner:\n  lr: 1.0e-5\n  kl_coef: 0.0\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: line 4: .*'lr' appears twice \(first on line 2\)"):
+        load_config(path)
+    path.write_text("pipeline:\n  steps: 2\npipeline:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="line 3: .*'pipeline' appears twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'lr' appears twice"):
+        load_config(None, ["learner={lr: 1, lr: 2}"])
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {steps: 2, seed: 3}\npipeline:\n  <<: *b\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # merged fine; only the anchor key is unknown
+        load_config(path)
+
+
+def test_unreadable_config_files_name_the_file_and_line(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: demo\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^config file {latin}: line 2: not UTF-8"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learner:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match=rf"^config file {broken}: line 3: not valid YAML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize(
+    "override, dotted",
+    [("rollout.max_model_len.x=1", "rollout.max_model_len"), ("learner.lr.a.b=1", "learner.lr"),
+     ("rewards.judge.model.x=1", "rewards.judge.model")],
+)
+def test_an_override_below_a_value_says_the_path_is_wrong(override, dotted):
+    with pytest.raises(ConfigError, match=rf"{dotted} is a value, not a section, so .* does not exist; write {dotted}=VALUE"):
+        load_config(None, [override])
+
+
+def test_overrides_into_mappings_and_optional_sections_still_work():
+    cfg = load_config(None, ["rollout.resources.rollout=1", "rewards.judge.base_url=http://127.0.0.1:9/v1"])
+    assert cfg.rollout.resources == {"rollout": 1.0} and cfg.rewards.judge.base_url == "http://127.0.0.1:9/v1"
+
+
+def test_local_files_are_checked_naming_the_field(tmp_path):
+    from cluster.config import check_local_files
+
+    cfg = load_config(None, [f"model.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"model\.path: .*nowhere does not exist"):
+        check_local_files(cfg)
+    with pytest.raises(ConfigError, match=r"model\.path: .* is not a Hugging Face model folder"):
+        check_local_files(load_config(None, [f"model.path={tmp_path}"]))
+    (tmp_path / "config.json").write_text("{}")
+    check_local_files(load_config(None, [f"model.path={tmp_path}"]))
+    cfg = load_config(None, [f"data.path={tmp_path}", f"tools.corpus_path={tmp_path / 'c.jsonl'}"])
+    with pytest.raises(ConfigError) as e:
+        check_local_files(cfg)
+    assert "data.path: " in str(e.value) and "is not a file" in str(e.value)
+    assert "tools.corpus_path: " in str(e.value) and "c.jsonl does not exist" in str(e.value)
+
+
 def test_flatten_gives_dotted_keys():
     flat = flatten(RunConfig())
     assert flat["learner.zero_stage"] == RunConfig().learner.zero_stage
@@ -86,3 +173,32 @@ def test_a_password_in_the_redis_url_is_refused_without_echoing_it():
     assert "redis.url" in str(e.value) and "RAPO_REDIS_PASSWORD" in str(e.value)
     assert "hunter2-secret" not in str(e.value)
     assert load_config(None, ["redis.url=redis://10.0.0.5:6379/0"]).redis.url == "redis://10.0.0.5:6379/0"
+
+
+# Fuzzed overrides: only ConfigError ever comes out, and an accepted config round-trips through its JSON.
+_KEYS = sorted(flatten(RunConfig())) + [
+    "rollout", "learner", "rollout.max_model_len.x", "rollout.resources.gpu", "rewards.judge", "rewards.judge.base_url",
+    "rewards.judge.timeout_s", "tools.web.allow_hosts", "tools.extractor.model", "nope", "learner.nope.deeper", "name.x",
+]
+_VALUES = ["1", "0", "-1", "2", "8", "64", "2048", "0.5", ".inf", "-.inf", ".nan", "1e400", "abc", "true", "null", "",
+           "[1, 2]", "[0.9, 0.95]", "{a: 1}", "{lr: 1, lr: 2}", "[", "'x'", "sync", "async", "rapo", "grpo", "path",
+           "jsonl", "http://127.0.0.1:9/v1", "['169.254.169.254']", "[h.example]", "/nonexistent", "{base_url: 'http://j/v1'}"]
+_overrides = st.lists(
+    st.one_of(st.builds("{}={}".format, st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
+              st.sampled_from(["=", "a..b=1", "noequals", ".x=1", "learner.=1", "=1"])),
+    max_size=4,
+)
+
+
+@settings(max_examples=2500, deadline=None, database=None)
+@given(_overrides)
+def test_fuzz_overrides_raise_only_config_errors_and_round_trip(overrides):
+    import json
+
+    from cluster.config import config_from_dict
+
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError:
+        return
+    assert config_from_dict(json.loads(cfg.model_dump_json())) == cfg
