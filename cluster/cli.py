@@ -20,14 +20,75 @@ def _log(msg: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
 
 
-def _load(config: str | None, overrides: list[str]):
-    from cluster.config import ConfigError, load_config
+# Errors that mean "fix this input": their message names the file, line or field. Looked up by
+# module so that checking for them imports nothing the failed command did not already import.
+USER_ERRORS = (
+    ("cluster.config", "ConfigError"),
+    ("rollout.dataset", "DatasetError"),
+    ("rollout.tools.corpus", "CorpusError"),
+    ("rewards.judge_client", "JudgeConfigError"),
+    ("rollout.safe_encode", "TemplateTokenError"),
+)
+
+
+def is_user_error(error: BaseException | None) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False
+
+
+def user_error(error: BaseException) -> int:
+    console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return 2
+
+
+def write_traceback(error: BaseException, command: str) -> Path:
+    """The full traceback in a file of the cache folder's errors/, for a bug report; its path goes to the user."""
+    import traceback
+
+    from cluster.config import default_cache_dir
+
+    folder = default_cache_dir() / "errors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        import tempfile
+
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"rapo-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(error)))
+    return path
+
+
+def internal_error(error: BaseException, command: str) -> int:
+    path = write_traceback(error, command)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    console.print(f"[red]internal error:[/] {type(error).__name__}: {first}", highlight=False, soft_wrap=True)
+    console.print(f"the full traceback is in {path}", highlight=False, soft_wrap=True)
+    return 1
+
+
+def _load(config: str | None, overrides: list[str], *, local_files: bool = False, model: bool = True):
+    """The config, validated; with `local_files` the files this machine will read (`model`: model.path too) are checked."""
+    from cluster.config import ConfigError, check_local_files, load_config
 
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        if local_files:
+            check_local_files(cfg, model=model)
+        return cfg
     except ConfigError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
-        raise SystemExit(2) from None
+        raise SystemExit(user_error(e)) from None
+
+
+def _check_run_data(cfg) -> None:
+    """A user's question and page files, read once here: a bad row is named before Ray starts."""
+    if cfg.data.source == "jsonl":
+        from cluster.data import load_run_data
+
+        load_run_data(cfg)
 
 
 def new_run_id(name: str) -> str:
@@ -37,7 +98,7 @@ def new_run_id(name: str) -> str:
 def cmd_init_model(args) -> int:
     from cluster.model_prep import ensure_policy
 
-    cfg = _load(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides, local_files=True)
     path = ensure_policy(cfg, log=_log)
     print(path)
     return 0
@@ -46,7 +107,10 @@ def cmd_init_model(args) -> int:
 def _prepare_in_child(cfg) -> None:
     from cluster.model_prep import ensure_policy
 
-    ensure_policy(cfg, log=_log)
+    try:
+        ensure_policy(cfg, log=_log)
+    except Exception as e:  # noqa: BLE001 - the child's error boundary: a message, not a traceback
+        raise SystemExit(user_error(e) if is_user_error(e) else internal_error(e, "init-model")) from None
 
 
 def prepare_policy(cfg) -> Path:
@@ -74,7 +138,8 @@ def cmd_run(args) -> int:
     from cluster.progress import follow_run
     from cluster.tracking import default_tracking_uri
 
-    cfg = _load(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides, local_files=True)
+    _check_run_data(cfg)
     resume_from = None
     if args.resume:
         output_dir = Path(args.resume).resolve()
@@ -112,16 +177,23 @@ def cmd_run(args) -> int:
                 with console.status("starting rollout workers and learners..."):
                     info = ray.get(controller.start.remote())
             except ray.exceptions.RayError as e:
-                console.print(f"[red]the run could not start:[/] {e}", highlight=False)
+                cause = getattr(e, "cause", None)
+                if is_user_error(cause):
+                    code = user_error(cause)
+                else:
+                    console.print("[red]the run could not start[/]", highlight=False)
+                    code = internal_error(cause if isinstance(cause, BaseException) else e, "run")
                 ray.get(controller.shutdown.remote(), timeout=120)
-                return 1
+                return code
             _log(f"mlflow run id: {info['mlflow_run_id']} (tracking uri {ctx.tracking_uri})")
             for w in info["workers"]:
                 _log(f"{w['name']}: {w['engine']} engine ready in {w['startup_s']:.0f} s")
             try:
                 summary = follow_run(controller, cfg.pipeline.steps, console)
             except ray.exceptions.RayError as e:
-                console.print(f"[red]run failed:[/] {e}", highlight=False)
+                cause = getattr(e, "cause", None)
+                console.print("[red]run failed[/]", highlight=False)
+                internal_error(cause if isinstance(cause, BaseException) else e, "run")
                 summary_path = output_dir / "summary.json"
                 summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "failed"}
             finally:
@@ -152,13 +224,12 @@ def cmd_eval(args) -> int:
         return 2
     config = resolve_config_path(model_dir, args.config)
     _log(f"config: {config or 'built-in defaults'}")
-    cfg = _load(str(config) if config else None, args.overrides)
+    cfg = _load(str(config) if config else None, args.overrides, local_files=True, model=False)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up chatter would bury the progress bar
     try:
         summary = run_eval(cfg, model_dir, data=args.data, output=Path(args.output or default_output()), console=console, log=_log)
     except (DatasetError, JudgeConfigError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
-        return 2
+        return user_error(e)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
@@ -363,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command's error boundary
+        return user_error(e) if is_user_error(e) else internal_error(e, args.command)
 
 
 if __name__ == "__main__":

@@ -361,6 +361,8 @@ def _format_errors(err: ValidationError) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {mask_url_passwords(repr(got))})"
             lines.append(f"  {path}: {e['msg']}{shown}")
+    if len(lines) == 1:
+        return "invalid config: " + lines[0].strip()
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -490,10 +492,13 @@ def config_from_dict(data: dict) -> RunConfig:
         raise ConfigError(_format_errors(e)) from None
 
 
-def check_local_files(cfg: RunConfig) -> None:
-    """The files a command run here will read exist as what they should be; ConfigError names the field."""
+def check_local_files(cfg: RunConfig, *, model: bool = True) -> None:
+    """The files a command run here will read exist as what they should be; ConfigError names the field.
+
+    `model=False` leaves model.path alone (`rapo eval` plays the model folder it is given).
+    """
     problems = []
-    if cfg.model.source == "path" and cfg.model.path is not None:
+    if model and cfg.model.source == "path" and cfg.model.path is not None:
         path = Path(cfg.model.path).expanduser()
         if not path.exists():
             problems.append(f"model.path: {path} does not exist (model.source=path needs a Hugging Face model folder)")
@@ -510,6 +515,8 @@ def check_local_files(cfg: RunConfig) -> None:
             problems.append(f"{field}: {path} does not exist")
         elif not path.is_file():
             problems.append(f"{field}: {path} is not a file (give a JSONL file)")
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
