@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rewards.answer import rule_judge
 from rewards.formulas import stage1_reward, stage2_reward
 from rewards.labeller import rule_labels
-from rollout.types import Question, Trajectory
+from rollout.types import Question, Trajectory, describe_error
 
 if TYPE_CHECKING:
     from rewards.judge_client import JudgeClient
@@ -43,11 +43,30 @@ class Score:
     retries: int = 0
     fallbacks: int = 0
     latency_s: float = 0.0
+    # Set when the episode failed (judge_source "failed") or judging it raised ("error"): reward 0.
+    error: str = ""
+
+
+def failed_score(error: str, source: str = "failed") -> Score:
+    return Score(0.0, False, [], source, "", error=error)
+
+
+async def score_or_fail(
+    traj: Trajectory, question: Question, spec: RewardSpec, judge: "JudgeClient | None" = None, llm_labels: bool = False
+) -> Score:
+    """score_trajectory as the error boundary of one episode's judging: whatever raises becomes that
+    episode's failure (reward 0, the error recorded), and the episodes judged beside it go on."""
+    try:
+        return await score_trajectory(traj, question, spec, judge, llm_labels)
+    except Exception as e:  # noqa: BLE001
+        return failed_score(describe_error(e), "error")
 
 
 async def score_trajectory(
     traj: Trajectory, question: Question, spec: RewardSpec, judge: "JudgeClient | None" = None, llm_labels: bool = False
 ) -> Score:
+    if traj.error:
+        return failed_score(traj.error)  # nothing to judge: the episode itself failed
     t0 = time.perf_counter()
     retries = fallbacks = 0
     if judge is None:
@@ -74,4 +93,7 @@ async def score_trajectory(
 
 def apply_score(traj: Trajectory, score: Score) -> Trajectory:
     traj.reward, traj.correct, traj.labels = score.reward, score.correct, list(score.labels)
+    if score.error and not traj.error:
+        traj.error, traj.finish_reason = score.error, "error"
+        traj.loss_mask = [0] * len(traj.token_ids)  # judged by nobody: trained on by nobody
     return traj

@@ -213,3 +213,56 @@ def test_stage2_incorrect_clamped_is_non_negative_and_dominates(labels: list[str
     clamped = stage2_reward(format_ok, False, labels, clamp_delta=True)
     assert 0.0 <= clamped <= 0.5 + 1e-12
     assert clamped >= stage2_reward(format_ok, False, labels) - 1e-12
+
+
+# ---- the error boundary of one episode's judging ------------------------------------------------------
+
+
+def _traj(**kw):
+    from rollout.types import ToolCall, Trajectory
+
+    base = dict(question_id="q", sample_index=0, token_ids=[1, 2, 3], loss_mask=[0, 1, 1], behaviour_logprobs=[0.0, -1.0, -1.0],
+                prompt_length=1, tool_calls=[ToolCall("search_urls", {"query": "x"})], answer="Paris", format_ok=True)
+    return Trajectory(**{**base, **kw})
+
+
+def test_a_failed_episode_scores_zero_without_asking_the_judge():
+    import asyncio
+
+    from rewards.scoring import RewardSpec, apply_score, score_or_fail
+    from rollout.types import Question, Trajectory
+
+    class NoJudge:
+        async def judge_answer(self, *a):
+            raise AssertionError("a failed episode must not be judged")
+
+    failed = Trajectory.failed("q", 1, RuntimeError("engine died"), token_ids=[1, 2], prompt_length=2)
+    for stage in (1, 2):
+        score = asyncio.run(score_or_fail(failed, Question("q", "Capital?", "Paris"), RewardSpec(stage=stage), NoJudge()))
+        assert (score.reward, score.correct, score.judge_source, score.error) == (0.0, False, "failed", "RuntimeError: engine died")
+
+
+def test_a_judge_that_raises_fails_that_episode_only():
+    import asyncio
+
+    from rewards.scoring import RewardSpec, apply_score, score_or_fail
+    from rollout.types import Question
+
+    class BrokenJudge:
+        async def judge_answer(self, question, golds, answer):
+            if answer == "bad":
+                raise RecursionError("maximum recursion depth exceeded")
+            from rewards.judge_client import JudgeOutcome
+
+            return JudgeOutcome("correct", True, "llm", 1)
+
+    q = Question("q", "Capital?", "Paris")
+
+    async def both():
+        return await asyncio.gather(*(score_or_fail(_traj(answer=a), q, RewardSpec(), BrokenJudge()) for a in ("bad", "Paris")))
+
+    bad, good = asyncio.run(both())
+    assert (bad.reward, bad.judge_source, bad.error) == (0.0, "error", "RecursionError: maximum recursion depth exceeded")
+    assert good.correct and good.reward > 0 and not good.error
+    traj = apply_score(_traj(answer="bad"), bad)
+    assert traj.error == bad.error and traj.finish_reason == "error" and sum(traj.loss_mask) == 0
