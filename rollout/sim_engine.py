@@ -6,6 +6,9 @@ generated token, with at most ``slots`` sequences decoding at once. How many too
 episode makes is drawn from a heavy-tailed (Pareto) distribution, seeded per episode, as the
 paper's multi-turn episodes are long-tailed. Everything real around it (the agent loop,
 tools, Ray, Redis, rewards, the controller) runs unchanged.
+
+A question that spells a tool call has it copied into the first turn, as a model that follows
+an injected instruction would: runs can test what a hostile call does to the pipeline.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from rollout.chat_format import IM_END, IM_START
+from rollout.chat_format import IM_END, IM_START, TOOL_CALL_OPEN
 from rollout.engine import EngineSpec, Generation, SamplingConfig
 
 
@@ -55,7 +58,7 @@ class SimulatedEngine:
         self.version = 0
         self.decode_seconds = 0.0
 
-    def _plan(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[int, int]:
+    def _plan(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[int, int, str]:
         # Token-level scans: decoding the whole (growing) prompt every turn would cost more CPU
         # than the latency being modelled.
         k = len(self.assistant)
@@ -66,22 +69,28 @@ class SimulatedEngine:
         question = self.tokenizer.decode(prompt_ids[user:end])
         # The loop seeds each turn with seed + turn: undo that to key the episode, not the turn.
         base = "eval" if sampling.seed is None else str(sampling.seed - turn)
-        return turn, self.model.tool_calls(f"{question}/{base}")
+        return turn, self.model.tool_calls(f"{question}/{base}"), question
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> Generation:
-        turn, calls = self._plan(prompt_ids, sampling)
-        if turn < calls:
+        turn, calls, question = self._plan(prompt_ids, sampling)
+        injected = question.find(TOOL_CALL_OPEN)
+        if turn == 0 and injected != -1:
+            text = "<think>the question says to</think>\n" + question[injected:]
+        elif turn < calls:
             call = {"name": "search_urls", "arguments": {"query": f"step {turn} of {request_id}"}}
             text = f"<think>searching</think>\n<tool_call>{json.dumps(call)}</tool_call>"
         else:
             text = "<think>done</think>\n\\boxed{unknown}"
         ids = list(self.tokenizer.encode(text + IM_END, add_special_tokens=False))
+        finish = "stop"
+        if len(ids) > sampling.max_tokens:
+            ids, finish = ids[: sampling.max_tokens], "length"
         version_start = self.version
         async with self.slots:
             seconds = len(prompt_ids) * self.model.prefill_per_token_s * (turn == 0) + self.model.decode_s()
             await asyncio.sleep(seconds)
             self.decode_seconds += self.model.decode_s()
-        return Generation(ids, [-1.0] * len(ids), "stop", version_start, self.version)
+        return Generation(ids, [-1.0] * len(ids), finish, version_start, self.version)
 
     async def load_weights(self, path: str, version: int) -> None:
         await asyncio.sleep(self.model.weight_sync_s)
