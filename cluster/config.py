@@ -256,6 +256,9 @@ class PipelineConfig(Section):
         None, ge=1, description="groups one rollout worker runs at once (default: max_concurrent_episodes / n)"
     )
     weight_sync_timeout_s: float = Field(300, gt=0, description="a worker not loading new weights in time is an error")
+    max_group_reruns: int = Field(
+        2, ge=0, description="times a group whose episodes all failed (or that raised) is run again before it is dropped"
+    )
     steps: int = Field(10, ge=1)
     questions_per_step: int = Field(4, ge=1)
     samples_per_question: int = Field(4, ge=2, description="n rollouts per question (the GRPO group)")
