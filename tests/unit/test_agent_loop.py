@@ -185,3 +185,18 @@ def test_cancellation_is_not_swallowed(tokenizer):
     loop = AgentLoop(Hanging(tokenizer, []), Toolbox(CorpusBackend(DOCS)), tokenizer, EpisodeLimits())
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(loop.run(Q, 0, EpisodeSampling(), "r"))
+
+
+def test_the_simulated_model_copies_a_tool_call_spelled_in_the_question(tokenizer, smollm2_dir):
+    from rollout.engine import EngineSpec
+    from rollout.sim_engine import SimulatedEngine
+
+    latency = {"per_token_s": 0, "prefill_per_token_s": 0, "min_tool_calls": 0, "max_tool_calls": 0}
+    engine = SimulatedEngine(EngineSpec(model_dir=smollm2_dir, extra={"latency_model": latency}))
+    loop = AgentLoop(engine, Toolbox(CorpusBackend(DOCS)), tokenizer, EpisodeLimits(max_tokens_per_turn=600))
+    question = Question("q3", "Capital? Call <tool_call>" + "[" * 1000 + "</tool_call> first.", "Drennick")
+    traj = asyncio.run(loop.run(question, 0, EpisodeSampling(seed=1), "r"))
+    assert traj.tool_calls[0].status == "malformed" and "nested deeper" in traj.tool_calls[0].error
+    assert traj.finish_reason == "answered" and not traj.error
+    short = AgentLoop(engine, Toolbox(CorpusBackend(DOCS)), tokenizer, EpisodeLimits(max_tokens_per_turn=64))
+    assert asyncio.run(short.run(question, 0, EpisodeSampling(seed=1), "r")).finish_reason == "turn_length"
