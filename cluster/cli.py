@@ -71,7 +71,7 @@ def internal_error(error: BaseException, command: str) -> int:
 
 
 def _load(config: str | None, overrides: list[str], *, local_files: bool = False, model: bool = True):
-    """The config, validated; with `local_files` the files this machine will read (`model`: model.path too) are checked."""
+    """The config, validated; `local_files`: also the files this machine will read (`model`: model.path too)."""
     from cluster.config import ConfigError, check_local_files, load_config
 
     try:

@@ -257,7 +257,7 @@ class PipelineConfig(Section):
     )
     weight_sync_timeout_s: float = Field(300, gt=0, description="a worker not loading new weights in time is an error")
     max_group_reruns: int = Field(
-        2, ge=0, description="times a group whose episodes all failed (or that raised) is run again before it is dropped"
+        2, ge=0, description="re-runs of a group whose episodes all failed (or that raised) before it is dropped"
     )
     steps: int = Field(10, ge=1)
     questions_per_step: int = Field(4, ge=1)
@@ -469,7 +469,8 @@ def _read_config_file(path: Path) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"config file {path}: line {line}: not UTF-8 (byte {raw[e.start]:#04x}); save it as UTF-8") from None
+        byte = raw[e.start]
+        raise ConfigError(f"config file {path}: line {line}: not UTF-8 (byte {byte:#04x}); save it as UTF-8") from None
     try:
         loaded = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:

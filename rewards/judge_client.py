@@ -444,7 +444,8 @@ class JudgeClient:
                 raise _CallFailed("invalid_reply", f"the response is not a chat completion: {e}") from None
             except (ValueError, RecursionError) as e:
                 # A body the client cannot decode (not JSON, or nested deep enough to exhaust the stack).
-                raise _CallFailed("invalid_reply", f"the response body cannot be decoded ({type(e).__name__})") from None
+                detail = f"the response body cannot be decoded ({type(e).__name__})"
+                raise _CallFailed("invalid_reply", detail) from None
             self.stats.latency_sum_s += time.monotonic() - started
             self.stats.latency_count += 1
         usage = getattr(response, "usage", None)

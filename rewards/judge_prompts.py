@@ -299,9 +299,8 @@ def parse_labels_reply(text: str, tool_calls: Sequence[ToolCall]) -> tuple[Label
     try:
         reply = LabelsReply.model_validate({"labels": value} if isinstance(value, list) else value)
     except ValidationError:
-        raise ReplyError(
-            "invalid_reply", f"the reply {clip_text(text.strip(), 200)!r} is not {{\"labels\": [...]}} with labels from {LABELS}"
-        ) from None
+        shown = clip_text(text.strip(), 200)
+        raise ReplyError("invalid_reply", f"the reply {shown!r} is not {{\"labels\": [...]}} with labels from {LABELS}") from None
     if len(reply.labels) != len(tool_calls):
         raise ReplyError("wrong_label_count", f"{len(reply.labels)} labels for {len(tool_calls)} tool calls")
     labels, forced = [], 0

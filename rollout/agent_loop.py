@@ -80,8 +80,8 @@ class AgentLoop:
             return await self._play(question, sample_index, sampling, request_id, state)
         except Exception as e:  # noqa: BLE001 - the error boundary of one episode
             log.warning("episode %s/%d failed: %s: %s", question.id, sample_index, type(e).__name__, str(e)[:200])
-            return Trajectory.failed(question.id, sample_index, e, token_ids=state.ids, prompt_length=state.prompt_length,
-                                     version=self.engine.version)
+            return Trajectory.failed(question.id, sample_index, e, token_ids=state.ids,
+                                     prompt_length=state.prompt_length, version=self.engine.version)
 
     async def _play(self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str,
                     state: "_EpisodeState") -> Trajectory:
@@ -89,7 +89,8 @@ class AgentLoop:
         prompt = self.encode(prompt_pieces(question.question, self.system_prompt))
         if len(prompt) + limits.min_turn_tokens > limits.max_model_len:
             raise ValueError(
-                f"question {question.id}: the prompt is {len(prompt)} tokens, too long for rollout.max_model_len={limits.max_model_len}"
+                f"question {question.id}: the prompt is {len(prompt)} tokens, too long for "
+                f"rollout.max_model_len={limits.max_model_len}"
             )
         ids = state.ids
         ids += prompt

@@ -128,12 +128,15 @@ def jsonl_rows(
             try:
                 row = loads(line, max_chars=max_line_bytes)
             except JSONInputError as e:
-                raise error(f"{where}: invalid JSON ({e.msg} at column {e.column}); write one JSON object per line") from None
+                raise error(
+                    f"{where}: invalid JSON ({e.msg} at column {e.column}); write one JSON object per line"
+                ) from None
             if not isinstance(row, dict):
                 raise error(f"{where}: expected a JSON object {example}, got {_json_kind(row)}")
             yield n, where, row
 
 
 def _json_kind(value: Any) -> str:
-    kinds = {bool: "a boolean", list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    kinds = {bool: "a boolean", list: "an array", str: "a string", int: "a number", float: "a number",
+             type(None): "null"}
     return kinds.get(type(value), type(value).__name__)

@@ -80,8 +80,8 @@ class Trajectory:
     error: str = ""
 
     @classmethod
-    def failed(cls, question_id: str, sample_index: int, error: BaseException | str, *, token_ids: list[int] | None = None,
-               prompt_length: int = 0, version: int = 0) -> "Trajectory":
+    def failed(cls, question_id: str, sample_index: int, error: BaseException | str, *,
+               token_ids: list[int] | None = None, prompt_length: int = 0, version: int = 0) -> "Trajectory":
         ids = list(token_ids or [])
         return cls(
             question_id=question_id, sample_index=sample_index, token_ids=ids, loss_mask=[0] * len(ids),

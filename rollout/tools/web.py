@@ -69,7 +69,9 @@ class WebToolsSettings(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     max_bytes: int = Field(3_000_000, ge=1024, description="larger responses are refused")
     max_redirects: int = Field(5, ge=0, le=20)
-    allow_hosts: list[str] = Field(default_factory=list, description="exact hosts exempt from the address guard (never from its metadata check)")
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="exact hosts exempt from the address guard (never from its metadata check)"
+    )
     allow_private: bool = Field(False, description="admit private/loopback/link-local (never metadata) addresses")
     user_agent: str = "Mozilla/5.0 (compatible; rapo-cluster/0.1; research agent)"
     search_rps: float | None = Field(5.0, gt=0, description="search requests per second per worker; None: no limit")
