@@ -16,8 +16,8 @@ import ray
 
 from cluster import ray_metrics
 from rewards.report import PoolReport
-from rewards.scoring import RewardSpec, Score, apply_score, score_trajectory
-from rollout.types import Question, Trajectory
+from rewards.scoring import RewardSpec, Score, apply_score, failed_score, score_or_fail
+from rollout.types import Question, Trajectory, describe_error
 
 
 def slim(traj: Trajectory) -> Trajectory:
@@ -59,7 +59,8 @@ class RewardLabeller:
 
         async def one(key: int, traj: Trajectory, question: Question) -> tuple[int, Score]:
             async with self.gate:
-                return key, await score_trajectory(traj, question, self.spec, self.judge, self.llm_labels)
+                # score_or_fail: a judging error fails this trajectory only, not the chunk.
+                return key, await score_or_fail(traj, question, self.spec, self.judge, self.llm_labels)
 
         results = await asyncio.gather(*(one(*item) for item in items))
         self.scored += len(results)
@@ -163,6 +164,9 @@ class RewardPool:
                             down.add(actor)
                             probes[asyncio.ensure_future(self._probe(actor))] = actor
                         continue
+                    except Exception as e:  # noqa: BLE001 - the chunk's task failed, its actor lives on
+                        report.chunk_errors += 1
+                        scored = [(key, failed_score(describe_error(e), "error")) for key, _, _ in items]
                     for key, score in scored:
                         if key in results:
                             report.duplicates += 1

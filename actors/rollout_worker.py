@@ -62,9 +62,14 @@ class RolloutWorker:
         gate = self.gate
 
         async def one(i: int, req: EpisodeRequest) -> Trajectory:
+            # One episode's error boundary (the loop has its own; this one catches what escapes it):
+            # a failure is that episode's record, and the group's other episodes go on.
             async with gate:
                 sampling = EpisodeSampling(req.temperature, req.top_p, req.seed)
-                traj = await self.loop.run(req.question, req.sample_index, sampling, f"{self.name}-{tag}-{i}")
+                try:
+                    traj = await self.loop.run(req.question, req.sample_index, sampling, f"{self.name}-{tag}-{i}")
+                except Exception as e:  # noqa: BLE001
+                    traj = Trajectory.failed(req.question.id, req.sample_index, e, version=self.engine.version)
                 traj.worker = self.name
                 return traj
 

@@ -61,7 +61,7 @@ from learner.replay_buffer import ReplayBuffer
 from learner.scheduler import PromptScheduler
 from rollout.engine_factory import resolve_engine_kind
 from rollout.episodes import EpisodeRequest, episode_seed
-from rollout.types import Question
+from rollout.types import Question, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,14 @@ class RunContext:
     model_meta: dict = field(default_factory=dict)
     # A checkpoint folder to continue from (``rapo run --resume``).
     resume_from: str | None = None
+
+
+# The summary keeps the first errors; a question that fails every time should not fill it.
+MAX_ERRORS_KEPT = 100
+
+
+class GroupFailed(RuntimeError):
+    """Every episode of a group failed: nothing in it to train on."""
 
 
 class LearnerFailed(RuntimeError):
@@ -276,22 +284,40 @@ class Controller:
         return PendingGroup(f"g{self.state.group_counter}", qid, epoch)
 
     async def _run_group(self, group: PendingGroup) -> None:
+        """One group's error boundary: a group that raises, or whose episodes all failed, is run again
+        up to pipeline.max_group_reruns times, then dropped and counted; other groups go on."""
         try:
             scored = await self._play_and_score(group)
+            failed = [m for m in scored.members if m.error]
+            self.state.counts["failed_episodes"] += len(failed)
+            if failed and len(failed) == len(scored.members):
+                raise GroupFailed(f"all {len(failed)} episodes of question {group.question_id} failed: {failed[0].error}")
             await self._assemble(scored)
             await self.stream.publish(scored)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.errors.append(f"group {group.group_id}: {type(e).__name__}: {str(e)[:500]}")
-            log.exception("group %s failed", group.group_id)
-            self.admission.abandon()
-            self.running.pop(group.group_id, None)
-            self.requeue.append(group)
-            self.state.counts["failed_attempts"] += 1
+            self._group_failed(group, e)
             return
         self.running.pop(group.group_id, None)
         self.admission.finish()
+
+    def _group_failed(self, group: PendingGroup, error: Exception) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(f"group {group.group_id} ({group.question_id}): {describe_error(error)}")
+        if isinstance(error, GroupFailed):
+            log.warning("group %s failed: %s", group.group_id, error)
+        else:
+            log.exception("group %s failed", group.group_id)
+        self.admission.abandon()
+        self.running.pop(group.group_id, None)
+        self.state.counts["failed_attempts"] += 1
+        if group.failures < self.cfg.pipeline.max_group_reruns:
+            self.requeue.append(replace(group, failures=group.failures + 1))
+            return
+        # Dropped: counted, and its epoch no longer waits for it before pruning.
+        self.state.counts["failed_groups"] += 1
+        self.state.epoch_open[group.epoch] -= 1
 
     async def _play_and_score(self, group: PendingGroup) -> ScoredGroup:
         """The group's episodes on the fleet (run again elsewhere if its worker dies), then judged."""

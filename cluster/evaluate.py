@@ -73,7 +73,7 @@ async def play_and_score(
     from transformers import AutoTokenizer
 
     from rewards.report import PoolReport
-    from rewards.scoring import apply_score, score_trajectory
+    from rewards.scoring import apply_score, score_or_fail
     from rollout.agent_loop import AgentLoop, EpisodeSampling
     from rollout.engine_factory import create_engine, resolve_engine_kind
     from rollout.tools.backends import tool_backend
@@ -108,7 +108,7 @@ async def play_and_score(
                 sampling = EpisodeSampling(req.temperature, req.top_p, req.seed)
                 traj = await loop.run(req.question, req.sample_index, sampling, f"eval-{i}")
             async with judging:
-                score = await score_trajectory(traj, by_id[traj.question_id], spec, judge, llm_labels)
+                score = await score_or_fail(traj, by_id[traj.question_id], spec, judge, llm_labels)
             apply_score(traj, score)
             report.add(score)
             on_episode(traj)
@@ -137,6 +137,7 @@ def eval_summary(trajs: list[Trajectory], report: PoolReport, **about: Any) -> d
         "accuracy": m.get("eval/accuracy", 0.0),
         "correct": sum(bool(t.correct) for t in trajs),
         "questions": len(trajs),
+        "failed_episodes": sum(bool(t.error) for t in trajs),
         "tool_calls_per_question": m.get("eval/tool_calls_per_episode", 0.0),
         "response_tokens_per_question": m.get("eval/response_tokens", 0.0),
         **about,

@@ -30,8 +30,10 @@ def trajectory_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]
     }
     if all(t.reward is not None for t in trajs):
         out[f"{prefix}/reward"] = float(np.mean([t.reward for t in trajs]))
-    for reason in ("answered", "max_tool_calls", "context", "turn_length"):
+    for reason in ("answered", "max_tool_calls", "context", "turn_length", "error"):
         out[f"{prefix}/finish_{reason}"] = float(np.mean([t.finish_reason == reason for t in trajs]))
+    # Episodes that raised (engine, tool, parse or judge): reward 0, nothing trained, the error kept.
+    out[f"{prefix}/failed_episodes"] = float(sum(bool(t.error) for t in trajs))
     calls = sum(t.num_tool_calls for t in trajs)
     bad = sum(1 for t in trajs for c in t.tool_calls if not c.ok)
     out[f"{prefix}/tool_error_rate"] = bad / calls if calls else 0.0
@@ -124,9 +126,9 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
     first = state.evals[0] if state.evals else {}
     final = state.evals[-1] if len(state.evals) > 1 else {}
     steps, c = state.history, state.counts
-    # Every admitted group is trained, dropped as stale (and re-admitted), still queued or running
-    # at the end; anything else was lost.
-    lost_groups = c["admitted"] - c["trained"] - left_queued - running - requeued
+    # Every admitted group is trained, dropped as stale (and re-admitted), dropped after its episodes
+    # failed every re-run, still queued or running at the end; anything else was lost.
+    lost_groups = c["admitted"] - c["trained"] - c["failed_groups"] - left_queued - running - requeued
     return {
         "status": status,
         "run_id": run_id,
@@ -159,6 +161,10 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
         "judge_fallbacks": judge_stats.get("fallbacks", 0),
         "staleness_histogram": {str(k): v for k, v in sorted(state.staleness.items())},
         "dropped_stale_groups": c["dropped"],
+        # Episodes that raised, in every group played (trained, re-run or dropped), and the groups
+        # dropped because all their episodes failed every time.
+        "failed_episodes": c["failed_episodes"],
+        "failed_groups_dropped": c["failed_groups"],
         "lost_episodes": max(0, lost_groups) * n,
         "leftover_episodes": (left_queued + running) * n,
         "restarts": {"rollout_workers": worker_restarts, "learner": state.learner_restarts,

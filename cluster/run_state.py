@@ -24,6 +24,8 @@ class PendingGroup:
     group_id: str
     question_id: str
     epoch: int
+    # Runs of this group that failed (it raised, or all its episodes failed); bounded by pipeline.max_group_reruns.
+    failures: int = 0
 
 
 @dataclass

@@ -17,6 +17,8 @@ class PoolReport:
     resubmitted: int = 0
     duplicates: int = 0
     actor_failures: int = 0
+    # Chunks whose task raised (not an actor death): their trajectories failed, reward 0.
+    chunk_errors: int = 0
     sources: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
     retries: int = 0
@@ -38,6 +40,7 @@ class PoolReport:
             f"{prefix}/resubmitted": self.resubmitted,
             f"{prefix}/duplicates_dropped": self.duplicates,
             f"{prefix}/actor_failures": self.actor_failures,
+            f"{prefix}/chunk_errors": self.chunk_errors,
             f"{prefix}/retries": self.retries,
             f"{prefix}/fallbacks": self.fallbacks,
             f"{prefix}/cache_hits": self.sources.get("cache", 0),
