@@ -183,7 +183,10 @@ def cmd_run(args) -> int:
                 else:
                     console.print("[red]the run could not start[/]", highlight=False)
                     code = internal_error(cause if isinstance(cause, BaseException) else e, "run")
-                ray.get(controller.shutdown.remote(), timeout=120)
+                try:
+                    ray.get(controller.shutdown.remote(), timeout=120)
+                except Exception as e:  # noqa: BLE001 - the start failure is what the user needs to see
+                    _log(f"controller shutdown: {type(e).__name__}")
                 return code
             _log(f"mlflow run id: {info['mlflow_run_id']} (tracking uri {ctx.tracking_uri})")
             for w in info["workers"]:
