@@ -70,3 +70,28 @@ def test_summary_counts_lost_and_leftover_episodes():
     assert s["lost_episodes"] == n and s["leftover_episodes"] == 2 * n and s["learner"] == cfg.learner.backend
     assert s["accuracy_initial"] == 0.25 and s["accuracy_final"] is None
     assert s["staleness_histogram"] == {"0": 5, "2": 1}
+
+
+def test_groups_dropped_after_failing_are_counted_not_lost():
+    cfg = RunConfig()
+    n = cfg.pipeline.samples_per_question
+    state = _state()
+    state.counts.update(failed_groups=1, failed_episodes=3 * n + 2)
+    s = run_summary(
+        cfg, state, status="completed", run_id="r", engine_kind="simulated", fleet_size=2, worker_restarts=0,
+        eval_questions=4, replay_stored=0, judge_stats={}, judge_tally=Counter(), pruned_questions=0,
+        left_queued=1, running=1, requeued=0, wall_time_s=1.0, model_dir="m", model_source="path", errors=[],
+    )
+    # 9 admitted = 6 trained + 1 dropped after failing + 1 queued + 1 running: nothing lost.
+    assert s["lost_episodes"] == 0
+    assert (s["failed_groups_dropped"], s["failed_episodes"]) == (1, 3 * n + 2)
+
+
+def test_a_pending_group_keeps_its_failures_through_a_checkpoint():
+    state = _state()
+    state.in_flight = [PendingGroup("g8", "q1", 1, failures=2)]
+    assert RunState.from_dict(json.loads(json.dumps(state.to_dict()))).in_flight[0].failures == 2
+    # A checkpoint written before groups counted failures still loads.
+    old = state.to_dict()
+    old["in_flight"] = [{"group_id": "g8", "question_id": "q1", "epoch": 1}]
+    assert RunState.from_dict(old).in_flight[0].failures == 0
