@@ -98,3 +98,22 @@ def test_judgements_are_cached_in_redis(redis_server):
     assert calls > 0 and srv.request_count == calls  # the second pass paid nothing
     assert second.sources["cache"] == 8 and first.sources["cache"] == 0
     assert [t.reward for t in trajs] == [t.reward for t in again]
+
+
+def test_an_episode_whose_judging_raises_fails_alone():
+    trajs, questions = _batch(8)
+    # A gold answer that is not text makes the rule judge raise for q3's trajectories (as any judge error would).
+    questions["q3"] = Question("q3", "Who founded Place3?", None)  # type: ignore[arg-type]
+    trajs.append(Trajectory.failed("q1", 99, RuntimeError("engine died"), token_ids=[1, 2], prompt_length=2))
+    pool = RewardPool.create(RewardsConfig(stage=1, num_actors=1, chunk_size=8), redis_url=None, redis_password=None,
+                             namespace="t")
+    report = asyncio.run(pool.score(trajs, questions))
+    asyncio.run(pool.close())
+    assert report.scores == 9 and report.sources["error"] == 1 and report.sources["failed"] == 1
+    for t in trajs:
+        if t.question_id == "q3":
+            assert t.reward == 0.0 and t.error.startswith("TypeError") and t.finish_reason == "error"
+        elif t.sample_index == 99:
+            assert t.reward == 0.0 and t.error == "RuntimeError: engine died"
+        else:  # the siblings in the same chunk were judged as usual
+            assert not t.error and t.correct == rule_judge(t.answer, questions[t.question_id].golds())
