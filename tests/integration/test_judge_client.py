@@ -383,6 +383,13 @@ def test_a_deeply_nested_reply_is_retried_then_falls_back_to_the_rule_judge():
     assert stats.failures["invalid_reply"] == 3 and stats.fallbacks == 1
 
 
+def test_a_response_body_nested_too_deep_is_an_invalid_reply_and_retried():
+    with OpenAITestServer(faults=["deep_body", "deep_body"]) as srv:
+        outcome, stats = run_client(settings_for(srv), lambda c: c.judge_answer(QUESTION, "1867", "1867"))
+    assert (outcome.correct, outcome.source, outcome.attempts) == (True, "llm", 3)
+    assert stats.failures["invalid_reply"] == 2
+
+
 def test_two_verdicts_are_retried_then_fall_back():
     with OpenAITestServer(responder=lambda body: 'incorrect. {"verdict": "correct"}') as srv:
         outcome, stats = run_client(settings_for(srv, max_retries=1), lambda c: c.judge_answer(QUESTION, "1867", "1868"))

@@ -40,6 +40,8 @@ Responder = Callable[[Mapping[str, Any]], str]
 
 # Fault names usable in `faults=`; "http_<code>" works for any status code.
 OK, TIMEOUT, MALFORMED, WRONG_COUNT = "ok", "timeout", "malformed", "wrong_count"
+# A 200 whose JSON body nests 100,000 levels deep: a hostile server, for the client's parser.
+DEEP_BODY = "deep_body"
 
 _PROSE = "Let me think about this carefully. The agent seems to have tried hard, and I would lean one way."
 
@@ -119,8 +121,10 @@ class OpenAITestServer:
         if error_rate > 0 and not error_codes:
             raise ValueError("error_rate > 0 needs at least one status code in error_codes")
         for fault in faults:
-            if fault not in (OK, TIMEOUT, MALFORMED, WRONG_COUNT) and not (fault.startswith("http_") and fault[5:].isdigit()):
-                raise ValueError(f"unknown fault {fault!r}; use ok, timeout, malformed, wrong_count or http_<status>")
+            if fault not in (OK, TIMEOUT, MALFORMED, WRONG_COUNT, DEEP_BODY) and not (
+                fault.startswith("http_") and fault[5:].isdigit()
+            ):
+                raise ValueError(f"unknown fault {fault!r}; use ok, timeout, malformed, wrong_count, deep_body or http_<status>")
         self.host, self.port = host, port
         self.latency_s = latency_s
         self.error_rate, self.error_codes = error_rate, tuple(error_codes)
@@ -313,6 +317,9 @@ class OpenAITestServer:
             self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body)
             headers = {"Retry-After": f"{self.retry_after_s:g}"} if self.retry_after_s is not None and status in (429, 503) else None
             return self._error(status, f"injected HTTP {status}", headers)
+        if fault == DEEP_BODY:
+            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=200, body=body)
+            return web.Response(text='{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}", content_type="application/json")
         try:
             content = self.responder(body)
         except (ValueError, KeyError, TypeError) as e:
