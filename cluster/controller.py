@@ -291,7 +291,9 @@ class Controller:
             failed = [m for m in scored.members if m.error]
             self.state.counts["failed_episodes"] += len(failed)
             if failed and len(failed) == len(scored.members):
-                raise GroupFailed(f"all {len(failed)} episodes of question {group.question_id} failed: {failed[0].error}")
+                raise GroupFailed(
+                    f"all {len(failed)} episodes of question {group.question_id} failed: {failed[0].error}"
+                )
             await self._assemble(scored)
             await self.stream.publish(scored)
         except asyncio.CancelledError:

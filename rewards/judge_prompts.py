@@ -300,7 +300,8 @@ def parse_labels_reply(text: str, tool_calls: Sequence[ToolCall]) -> tuple[Label
         reply = LabelsReply.model_validate({"labels": value} if isinstance(value, list) else value)
     except ValidationError:
         shown = clip_text(text.strip(), 200)
-        raise ReplyError("invalid_reply", f"the reply {shown!r} is not {{\"labels\": [...]}} with labels from {LABELS}") from None
+        expected = f'{{"labels": [...]}} with labels from {LABELS}'
+        raise ReplyError("invalid_reply", f"the reply {shown!r} is not {expected}") from None
     if len(reply.labels) != len(tool_calls):
         raise ReplyError("wrong_label_count", f"{len(reply.labels)} labels for {len(tool_calls)} tool calls")
     labels, forced = [], 0

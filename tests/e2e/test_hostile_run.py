@@ -26,9 +26,10 @@ def write_jsonl(path, rows):
 
 
 def test_a_run_on_hostile_data_completes_and_counts_its_failed_episodes(rapo, tmp_path):
-    pages = [{"url": f"https://atlas.example/{i}", "title": f"Country {i}", "text": f"The capital of Country {i} is City {i}."}
-             for i in range(6)]
-    pages.append({"url": "https://evil.example/", "title": "News", "text": f"Country 0 news {FORGED} The capital is City 0."})
+    pages = [{"url": f"https://atlas.example/{i}", "title": f"Country {i}",
+              "text": f"The capital of Country {i} is City {i}."} for i in range(6)]
+    pages.append({"url": "https://evil.example/", "title": "News",
+                  "text": f"Country 0 news {FORGED} The capital is City 0."})
     train = [
         {"id": "plain", "question": "What is the capital of Country 1?", "answer": "City 1"},
         {"id": "forged", "question": f"What is the capital of Country 2?{FORGED}", "answer": "City 2"},

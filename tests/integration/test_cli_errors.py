@@ -1,4 +1,4 @@
-"""`rapo run`, `rapo eval` and `rapo init-model` on bad files and values: one line naming what to fix, exit 2, no traceback.
+"""`rapo run`, `eval` and `init-model` on bad files and values: one line naming what to fix, exit 2, no traceback.
 
 Every case here stops before Ray, an engine or a model starts, so the whole file runs in seconds.
 """
@@ -24,7 +24,8 @@ def cache_in_tmp(tmp_path, monkeypatch):
 def files(tmp_path: Path) -> dict[str, Path]:
     out = {}
     out["latin1"] = tmp_path / "latin1.jsonl"
-    out["latin1"].write_bytes((GOOD_ROW + "\n" + json.dumps({"question": "Café?", "answer": "x"}, ensure_ascii=False)).encode("latin-1"))
+    cafe = json.dumps({"question": "Café?", "answer": "x"}, ensure_ascii=False)
+    out["latin1"].write_bytes((GOOD_ROW + "\n" + cafe).encode("latin-1"))
     out["the"] = tmp_path / "the.jsonl"
     out["the"].write_text(GOOD_ROW + "\n" + json.dumps({"question": "Which?", "answer": "The"}) + "\n")
     out["deep"] = tmp_path / "deep.jsonl"
@@ -32,7 +33,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
     out["dir"] = tmp_path / "folder.jsonl"
     out["dir"].mkdir()
     out["corpus"] = tmp_path / "corpus.jsonl"
-    out["corpus"].write_text(json.dumps({"url": "https://a.example/1", "title": "t", "text": "Osk is the capital of Veltria."}) + "\n")
+    page = {"url": "https://a.example/1", "title": "t", "text": "Osk is the capital of Veltria."}
+    out["corpus"].write_text(json.dumps(page) + "\n")
     out["dup_yaml"] = tmp_path / "dup.yaml"
     out["dup_yaml"].write_text(Path(SMOKE).read_text() + "\nlearner:\n  lr: 1.0e-5\n")
     out["latin1_yaml"] = tmp_path / "latin1.yaml"
@@ -58,7 +60,8 @@ CASES = [
     ("model path nowhere", ["model.path=/nonexistent/model"], "model.path: /nonexistent/model does not exist"),
     ("data not utf-8", ["data.path={latin1}", "tools.corpus_path={corpus}"], "{latin1}: line 2: not UTF-8"),
     ("data a directory", ["data.path={dir}", "tools.corpus_path={corpus}"], "data.path: {dir} is not a file"),
-    ("gold normalises to nothing", ["data.path={the}", "tools.corpus_path={corpus}"], "{the}: line 2: field 'answer' 'The'"),
+    ("gold normalises to nothing", ["data.path={the}", "tools.corpus_path={corpus}"],
+     "{the}: line 2: field 'answer' 'The'"),
     ("deep row", ["data.path={deep}", "tools.corpus_path={corpus}"], "{deep}: line 1: invalid JSON (nested deeper"),
 ]
 
@@ -98,7 +101,8 @@ def test_eval_on_bad_question_files_exits_2_naming_the_line(tiny_model_dir, tmp_
     assert not (tmp_path / "r.jsonl").exists()
 
 
-@pytest.mark.parametrize(("override", "field"), [("learner.lr=.inf", "learner.lr"), ("rollout.temperature=.nan", "rollout.temperature")])
+@pytest.mark.parametrize(("override", "field"),
+                         [("learner.lr=.inf", "learner.lr"), ("rollout.temperature=.nan", "rollout.temperature")])
 def test_eval_on_bad_values_exits_2_naming_the_field(tiny_model_dir, tmp_path, capsys, override, field):
     code, err = run_cli(capsys, ["eval", str(tiny_model_dir), "--config", SMOKE, override])
     assert code == 2 and field in err and "Traceback" not in err

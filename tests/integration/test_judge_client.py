@@ -377,7 +377,8 @@ def test_prose_that_agrees_with_the_json_is_fine():
 
 def test_a_deeply_nested_reply_is_retried_then_falls_back_to_the_rule_judge():
     with OpenAITestServer(responder=lambda body: "[" * 100000) as srv:
-        outcome, stats = run_client(settings_for(srv, max_retries=2), lambda c: c.judge_answer(QUESTION, "1867", "1867"))
+        settings = settings_for(srv, max_retries=2)
+        outcome, stats = run_client(settings, lambda c: c.judge_answer(QUESTION, "1867", "1867"))
         assert srv.request_count == 3
     assert (outcome.correct, outcome.source, outcome.fallback, outcome.attempts) == (True, "rule", True, 3)
     assert stats.failures["invalid_reply"] == 3 and stats.fallbacks == 1
@@ -392,7 +393,8 @@ def test_a_response_body_nested_too_deep_is_an_invalid_reply_and_retried():
 
 def test_two_verdicts_are_retried_then_fall_back():
     with OpenAITestServer(responder=lambda body: 'incorrect. {"verdict": "correct"}') as srv:
-        outcome, stats = run_client(settings_for(srv, max_retries=1), lambda c: c.judge_answer(QUESTION, "1867", "1868"))
+        settings = settings_for(srv, max_retries=1)
+        outcome, stats = run_client(settings, lambda c: c.judge_answer(QUESTION, "1867", "1868"))
     assert (outcome.correct, outcome.source, outcome.fallback) == (False, "rule", True)
     assert stats.failures["invalid_reply"] == 2
 

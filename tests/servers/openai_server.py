@@ -124,7 +124,9 @@ class OpenAITestServer:
             if fault not in (OK, TIMEOUT, MALFORMED, WRONG_COUNT, DEEP_BODY) and not (
                 fault.startswith("http_") and fault[5:].isdigit()
             ):
-                raise ValueError(f"unknown fault {fault!r}; use ok, timeout, malformed, wrong_count, deep_body or http_<status>")
+                raise ValueError(
+                    f"unknown fault {fault!r}; use ok, timeout, malformed, wrong_count, deep_body or http_<status>"
+                )
         self.host, self.port = host, port
         self.latency_s = latency_s
         self.error_rate, self.error_codes = error_rate, tuple(error_codes)
@@ -319,7 +321,8 @@ class OpenAITestServer:
             return self._error(status, f"injected HTTP {status}", headers)
         if fault == DEEP_BODY:
             self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=200, body=body)
-            return web.Response(text='{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}", content_type="application/json")
+            deep = '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            return web.Response(text=deep, content_type="application/json")
         try:
             content = self.responder(body)
         except (ValueError, KeyError, TypeError) as e:

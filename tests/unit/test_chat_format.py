@@ -106,8 +106,9 @@ def test_many_unclosed_tags_parse_in_linear_time():
 
 
 _OLD_TOOL_CALL_RE = __import__("re").compile(r"<tool_call>(.*?)</tool_call>", __import__("re").DOTALL)
-_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call", "{", "}", "[", "]", '"', ":", ",", " ", "\\", '"name"', '"x"',
-              '"arguments"', "{}", "<think>", "</think>", "\\boxed{", "NaN", "1e400", "<|im_end|>", "null", "a", "\u00e9",
+_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call", "{", "}", "[", "]", '"', ":", ",", " ", "\\", '"name"',
+              '"x"', '"arguments"', "{}", "<think>", "</think>", "\\boxed{", "NaN", "1e400", "<|im_end|>", "null", "a",
+              "\u00e9",
               "\n", "7", "-", "\\u0000", "\ud800", "true"]
 
 
@@ -121,7 +122,8 @@ def test_fuzz_tool_call_parser(text):
     assert len(calls) - int(bool(calls) and "unterminated" in getattr(calls[-1], "reason", "")) == len(closed)
     for call in calls:
         if isinstance(call, ParsedCall):  # an accepted call round-trips
-            again = parse_tool_calls(f"<tool_call>{json.dumps({'name': call.name, 'arguments': call.arguments})}</tool_call>")
+            body = json.dumps({"name": call.name, "arguments": call.arguments})
+            again = parse_tool_calls(f"<tool_call>{body}</tool_call>")
             assert again == [call]
     turn_is_well_formed(text, final=True)
     extract_boxed(text)

@@ -135,7 +135,8 @@ def test_unreadable_config_files_name_the_file_and_line(tmp_path):
      ("rewards.judge.model.x=1", "rewards.judge.model")],
 )
 def test_an_override_below_a_value_says_the_path_is_wrong(override, dotted):
-    with pytest.raises(ConfigError, match=rf"{dotted} is a value, not a section, so .* does not exist; write {dotted}=VALUE"):
+    expected = rf"{dotted} is a value, not a section, so .* does not exist; write {dotted}=VALUE"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
 
 
@@ -178,11 +179,13 @@ def test_a_password_in_the_redis_url_is_refused_without_echoing_it():
 # Fuzzed overrides: only ConfigError ever comes out, and an accepted config round-trips through its JSON.
 _KEYS = sorted(flatten(RunConfig())) + [
     "rollout", "learner", "rollout.max_model_len.x", "rollout.resources.gpu", "rewards.judge", "rewards.judge.base_url",
-    "rewards.judge.timeout_s", "tools.web.allow_hosts", "tools.extractor.model", "nope", "learner.nope.deeper", "name.x",
+    "rewards.judge.timeout_s", "tools.web.allow_hosts", "tools.extractor.model", "nope", "learner.nope.deeper",
+    "name.x",
 ]
 _VALUES = ["1", "0", "-1", "2", "8", "64", "2048", "0.5", ".inf", "-.inf", ".nan", "1e400", "abc", "true", "null", "",
            "[1, 2]", "[0.9, 0.95]", "{a: 1}", "{lr: 1, lr: 2}", "[", "'x'", "sync", "async", "rapo", "grpo", "path",
-           "jsonl", "http://127.0.0.1:9/v1", "['169.254.169.254']", "[h.example]", "/nonexistent", "{base_url: 'http://j/v1'}"]
+           "jsonl", "http://127.0.0.1:9/v1", "['169.254.169.254']", "[h.example]", "/nonexistent",
+           "{base_url: 'http://j/v1'}"]
 _overrides = st.lists(
     st.one_of(st.builds("{}={}".format, st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
               st.sampled_from(["=", "a..b=1", "noequals", ".x=1", "learner.=1", "=1"])),

@@ -139,8 +139,10 @@ def test_rows_that_load_but_cannot_work_are_refused(tmp_path, bad, expected):
 
 def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes((GOOD + "\n" + json.dumps({"question": "Café?", "answer": "x"}, ensure_ascii=False) + "\n").encode("latin-1"))
-    with pytest.raises(DatasetError, match=rf"^{path}: line 2: not UTF-8 \(byte 0xe9 at column 18\); save the file as UTF-8"):
+    cafe = json.dumps({"question": "Café?", "answer": "x"}, ensure_ascii=False)
+    path.write_bytes((GOOD + "\n" + cafe + "\n").encode("latin-1"))
+    expected = rf"^{path}: line 2: not UTF-8 \(byte 0xe9 at column 18\); save the file as UTF-8"
+    with pytest.raises(DatasetError, match=expected):
         load_questions_jsonl(path)
 
 

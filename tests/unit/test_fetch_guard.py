@@ -278,7 +278,9 @@ def test_an_allowed_host_resolving_to_a_metadata_address_is_refused(answer):
         run(resolve_and_check("http://mirror.intranet/", resolver, allow_hosts=allow, allow_private=True))
 
 
-@pytest.mark.parametrize("host", ["169.254.169.254", "0xa9fea9fe", "[::ffff:169.254.169.254]", "metadata.google.internal"])
+@pytest.mark.parametrize(
+    "host", ["169.254.169.254", "0xa9fea9fe", "[::ffff:169.254.169.254]", "metadata.google.internal"]
+)
 def test_allow_hosts_cannot_name_a_metadata_endpoint(host):
     from pydantic import ValidationError
 
