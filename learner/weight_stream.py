@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from rollout.weight_wire import UpdatePlan, plan_buckets, send_bucket
+from rollout.weight_wire import UpdatePlan, plan_buckets, send_bucket, send_buffer
 
 TIED_HEAD = "lm_head.weight"
 TIED_FROM = "model.embed_tokens.weight"
@@ -46,23 +46,27 @@ def weight_plan(model: torch.nn.Module, dtype: str, bucket_bytes: int, tied: boo
 
 def gathered_buckets(model: torch.nn.Module, plan: UpdatePlan, zero3: bool) -> Iterator[list[torch.Tensor]]:
     """Each bucket's full tensors, gathered for the duration of one iteration step (every rank iterates)."""
-    import deepspeed
-
     tensors = dict(named_tensors(model))
     for bucket in plan.buckets():
         names = [TIED_FROM if name == TIED_HEAD and name not in tensors else name for name, _, _ in bucket]
         params = [tensors[n] for n in names]
         partitioned = [p for p in params if hasattr(p, "ds_id")]
-        ctx = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if zero3 and partitioned else nullcontext()
-        with ctx:
+        with _gathered(partitioned) if zero3 and partitioned else nullcontext():
             yield params
+
+
+def _gathered(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def send_weights(model: torch.nn.Module, plan: UpdatePlan, group, *, zero3: bool, is_sender: bool) -> int:
     """Stream one version: gather, cast+pack, broadcast, free, bucket by bucket. Returns bytes sent."""
     sent = 0
+    scratch = send_buffer(plan) if is_sender else None
     for bucket, tensors in zip(plan.buckets(), gathered_buckets(model, plan, zero3)):
         if is_sender:
-            send_bucket(group, bucket, tensors)
+            send_bucket(group, bucket, tensors, scratch)
             sent += sum(t.numel() * dtype.itemsize for t, (_, dtype, _) in zip(tensors, bucket))
     return sent

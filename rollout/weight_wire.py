@@ -49,7 +49,7 @@ class UpdatePlan:
         if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
             raise ValueError("names, dtype_names and shapes must have one entry per parameter")
         if sum(self.bucket_sizes) != len(self.names):
-            raise ValueError(f"buckets hold {sum(self.bucket_sizes)} parameters, the plan names {len(self.names)}")
+            raise ValueError(f"buckets hold {sum(self.bucket_sizes)} parameters, the plan {len(self.names)}")
 
     def buckets(self) -> Iterator[list[tuple[str, torch.dtype, list[int]]]]:
         start = 0
@@ -145,18 +145,27 @@ def broadcast_bucket(group: dist.ProcessGroup, buffer: torch.Tensor) -> None:
     group.broadcast(buffer, 0).wait()
 
 
+def send_buffer(plan: UpdatePlan, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One buffer the size of the plan's largest bucket, reused for every bucket: a fresh one per
+    bucket costs more in page faults than the cast itself."""
+    return torch.empty(max(layout(b)[1] for b in plan.buckets()), dtype=torch.uint8, device=device)
+
+
 def send_bucket(group: dist.ProcessGroup, bucket: list[tuple[str, torch.dtype, list[int]]],
-                tensors: list[torch.Tensor]) -> None:
-    """Cast and pack one bucket into a flat buffer (one copy), broadcast it, let it go."""
+                tensors: list[torch.Tensor], scratch: torch.Tensor | None = None) -> None:
+    """Cast and pack one bucket into a flat buffer (one copy), broadcast it."""
     _, size = layout(bucket)
-    buffer = torch.empty(size, dtype=torch.uint8)
+    buffer = torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
     for view, tensor in zip(views(buffer, bucket), tensors):
         view.copy_(tensor.detach().reshape(view.shape))
     broadcast_bucket(group, buffer)
 
 
 def receive(group: dist.ProcessGroup, plan: UpdatePlan) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The receivers' side: each bucket's (name, tensor) pairs, views of a buffer filled by one broadcast."""
+    """The receivers' side: each bucket's (name, tensor) pairs, views of a buffer filled by one broadcast.
+
+    A fresh buffer per bucket: a loader may hold on to what it was given until a layer is complete.
+    """
     for bucket in plan.buckets():
         _, size = layout(bucket)
         buffer = torch.empty(size, dtype=torch.uint8)
