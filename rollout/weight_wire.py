@@ -54,7 +54,8 @@ class UpdatePlan:
     def buckets(self) -> Iterator[list[tuple[str, torch.dtype, list[int]]]]:
         start = 0
         for n in self.bucket_sizes:
-            yield [(self.names[i], getattr(torch, self.dtype_names[i]), self.shapes[i]) for i in range(start, start + n)]
+            rows = range(start, start + n)
+            yield [(self.names[i], getattr(torch, self.dtype_names[i]), self.shapes[i]) for i in rows]
             start += n
 
     def nbytes(self) -> int:

@@ -86,3 +86,15 @@ def test_a_password_in_the_redis_url_is_refused_without_echoing_it():
     assert "redis.url" in str(e.value) and "RAPO_REDIS_PASSWORD" in str(e.value)
     assert "hunter2-secret" not in str(e.value)
     assert load_config(None, ["redis.url=redis://10.0.0.5:6379/0"]).redis.url == "redis://10.0.0.5:6379/0"
+
+
+def test_weights_transport_defaults_to_vllms_protocol_and_refuses_what_cannot_run():
+    assert RunConfig().weights.resolve("vllm", "deepspeed") == "gloo"
+    assert RunConfig().weights.resolve("simulated", "simulated") == "file"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["weights.transport=gloo", "rollout.engine=simulated", "learner.backend=simulated"])
+    assert "weights.transport=file" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["weights.transport=nccl"])
+    assert "weights.transport=gloo" in str(e.value)
+    assert RunConfig().weights.bucket_bytes(gpu=True) == 256 << 20
