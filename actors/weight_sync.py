@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import ray
 
+OP_TIMEOUT_S = 60.0
+
 
 class WeightPushFailed(RuntimeError):
     def __init__(self, message: str, dead: list[str], failed: list[str]):
@@ -50,7 +52,9 @@ class WeightBroadcaster:
         try:
             if key != self.members:
                 self.members = None
-                address = await learner.open_weight_group(len(slots) + 1, self.timeout_s)
+                # Per collective (one bucket, one join), so shorter than the whole push may take: a member
+                # that died frees the others soon, and their engines can take the next group's join.
+                address = await learner.open_weight_group(len(slots) + 1, min(self.timeout_s, OP_TIMEOUT_S))
                 joins = [s.handle.join_weight_group.remote({**address, "rank": i + 1}) for i, s in enumerate(slots)]
                 await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
                 self.members = key
