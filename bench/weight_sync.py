@@ -69,9 +69,17 @@ def _receiver(inbox, outbox) -> None:
 
     from rollout.weight_wire import GroupAddress, UpdatePlan, join_group, receive
 
+    import queue
+
+    parent = os.getppid()
     group = None
     while True:
-        cmd, arg = inbox.get()
+        try:
+            cmd, arg = inbox.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the benchmark was killed: do not outlive it
+                return
+            continue
         if cmd == "stop":
             return
         if cmd == "join":
