@@ -59,7 +59,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def two_nodes():
     gcs = _port()
     temp = Path("/tmp") / f"rapo-2n-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
-    head = _ray_node(["--head", f"--port={gcs}", "--include-dashboard=false",
+    # Without a port of its own the head's dashboard process fights other Rays for 8265 and the node times out.
+    head = _ray_node(["--head", f"--port={gcs}", "--include-dashboard=false", f"--dashboard-port={_port()}",
                       '--resources={"rapo_learner_node": 1}'], temp)
     nodes = [head]
     try:
@@ -75,7 +76,7 @@ def two_nodes():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_nodes(address: str, n: int, timeout: float = 180) -> None:
+def _wait_for_nodes(address: str, n: int, timeout: float = 300) -> None:
     ray_bin = Path(sys.executable).with_name("ray")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
