@@ -10,6 +10,7 @@ run: a removed worker drains (finishes what it has) before it is stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -126,7 +127,9 @@ class RolloutFleet:
     async def _retire(self, slot: WorkerSlot) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: slot.in_flight == 0)
-        self.slots.pop(slot.name, None)
+        # Never in the middle of a push: the weight group would lose a member mid-broadcast.
+        async with self.broadcaster.lock if self.broadcaster is not None else contextlib.nullcontext():
+            self.slots.pop(slot.name, None)
         try:
             await asyncio.wait_for(slot.handle.shutdown.remote(), 30)
         except Exception:  # stopping anyway
@@ -242,7 +245,7 @@ class RolloutFleet:
             except WeightPushFailed as e:
                 log.warning("%s", e)
                 for slot in slots:
-                    if slot.name in e.dead + e.failed:
+                    if slot.name in e.dead + e.failed and slot.name in self.slots:
                         # Recovery brings it to the current version before it takes work again.
                         self._worker_lost(slot, e)
                 if attempt == 1:
