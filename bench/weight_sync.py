@@ -65,11 +65,11 @@ def build_model(shape: str):
 
 def _receiver(inbox, outbox) -> None:
     """A worker's receive side: join the group, take each version's buckets, report when done."""
+    import queue
+
     from safetensors.torch import load_file
 
     from rollout.weight_wire import GroupAddress, UpdatePlan, join_group, receive
-
-    import queue
 
     parent = os.getppid()
     group = None
