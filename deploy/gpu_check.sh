@@ -70,7 +70,8 @@ PY
 
 echo "== learner steps"
 if [[ $nproc -gt 1 ]]; then
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/gpu_check.py" ${args[@]+"${args[@]}"}
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/gpu_check.py" \
+        ${args[@]+"${args[@]}"}
 else
     "$PYTHON" "$here/gpu_check.py" ${args[@]+"${args[@]}"}
 fi

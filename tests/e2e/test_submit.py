@@ -100,12 +100,14 @@ def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
 
     out = tmp_path / "ray-job-run"
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path = f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     sub = subprocess.run(
         [str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", ".",
          "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
-         "python", "-m", "cluster.cli", "run", "deploy/configs/smoke.yaml", "pipeline.steps=1", "--output-dir", str(out)],
+         "python", "-m", "cluster.cli", "run", "deploy/configs/smoke.yaml", "pipeline.steps=1",
+         "--output-dir", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
