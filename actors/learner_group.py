@@ -57,6 +57,47 @@ class LearnerWorker:
                 stale.unlink(missing_ok=True)
         return n
 
+    def weight_plan(self, dtype: str, bucket_bytes: int) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self.trainer.weight_plan(dtype, bucket_bytes))
+
+    def open_weight_group(self, world_size: int, timeout_s: float) -> dict:
+        """Rank 0: host the rendezvous of a new weight group on this node; returns how receivers join it."""
+        from rollout.weight_wire import GroupAddress, open_store
+
+        self.close_weight_group()
+        host = ray.util.get_node_ip_address()
+        self._weight_store = open_store(host, timeout_s)
+        self._weight_address = GroupAddress(host, self._weight_store.port, 0, world_size, timeout_s)
+        return self._weight_address.for_rank(1)
+
+    def join_weight_group(self) -> None:
+        """Rank 0: join the group opened last; returns once every receiver has joined."""
+        from rollout.weight_wire import join_group
+
+        self._weight_group = join_group(self._weight_address, self._weight_store)
+
+    def close_weight_group(self) -> None:
+        group = getattr(self, "_weight_group", None)
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # peers that died leave nothing to shut down cleanly
+                pass
+        self._weight_group = None
+
+    def send_weights(self, plan: dict) -> int:
+        """Every rank (a collective under ZeRO-3); rank 0 broadcasts to the weight group."""
+        from rollout.weight_wire import UpdatePlan
+
+        try:
+            return self.trainer.send_weights(UpdatePlan(**plan), getattr(self, "_weight_group", None))
+        except Exception:
+            # A broken group (a receiver died mid-transfer) is never reused: the next push re-forms it.
+            self.close_weight_group()
+            raise
+
     def read_file(self, path: str) -> bytes:
         return Path(path).read_bytes()
 
@@ -100,6 +141,18 @@ class LearnerGroup:
         path = os.path.join(weights_dir, f"policy-v{version}.safetensors")
         await _gather([w.export_weights.remote(path, dtype) for w in self.workers])
         return WeightRef(version=version, path=path, node_id=self.node_id, source=self.workers[0])
+
+    async def weight_plan(self, dtype: str, bucket_bytes: int) -> dict:
+        return await self.workers[0].weight_plan.remote(dtype, bucket_bytes)
+
+    async def open_weight_group(self, world_size: int, timeout_s: float) -> dict:
+        return await self.workers[0].open_weight_group.remote(world_size, timeout_s)
+
+    async def join_weight_group(self) -> None:
+        await self.workers[0].join_weight_group.remote()
+
+    async def send_weights(self, plan: dict) -> int:
+        return (await _gather([w.send_weights.remote(plan) for w in self.workers]))[0]
 
     async def save_checkpoint(self, directory: str, tag: str) -> None:
         await _gather([w.save_checkpoint.remote(directory, tag) for w in self.workers])

@@ -10,6 +10,7 @@ run: a removed worker drains (finishes what it has) before it is stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import ray
 
 from actors.rollout_worker import RolloutWorker
+from actors.weight_sync import WeightBroadcaster, WeightPushFailed
 from rollout.episodes import EpisodeRequest
 from rollout.types import Trajectory
-from rollout.weights import WeightRef
+from rollout.weights import BroadcastRef, WeightRef
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class WorkerSlot:
     ready: bool = False
     draining: bool = False
     restarts: int = 0
+    # The policy version its engine holds (what a push or a catch-up gave it).
+    version: int = 0
     busy_since: float | None = None
     busy_s: float = 0.0
     info: dict = field(default_factory=dict)
@@ -58,14 +62,16 @@ class WorkerSlot:
 
 class RolloutFleet:
     def __init__(self, make_worker: Callable[[str], object], *, groups_per_worker: int, weight_sync_timeout_s: float = 300,
-                 start_timeout_s: float = 600):
+                 start_timeout_s: float = 600, broadcaster: WeightBroadcaster | None = None):
         self.make_worker = make_worker
+        # weights.transport gloo / nccl: versions are broadcast; None: each worker loads a file.
+        self.broadcaster = broadcaster
         self.start_timeout_s = start_timeout_s
         self.groups_per_worker = groups_per_worker
         self.weight_sync_timeout_s = weight_sync_timeout_s
         self.slots: dict[str, WorkerSlot] = {}
         self.next_index = 0
-        self.current: WeightRef | None = None
+        self.current: WeightRef | BroadcastRef | None = None
         self.changed = asyncio.Condition()
         self.restarts = 0
 
@@ -94,6 +100,7 @@ class RolloutFleet:
             ) from None
         if self.current is not None and slot.info.get("version") != self.current.version:
             await self._load(slot, self.current)
+        slot.version = self.current.version if self.current is not None else slot.info.get("version", 0)
         slot.ready = True
         async with self.changed:
             self.changed.notify_all()
@@ -113,12 +120,16 @@ class RolloutFleet:
                 slot.draining = True
                 removed.append(slot.name)
                 asyncio.ensure_future(self._retire(slot))
-        return {"added": added, "draining": removed, "workers": n}
+        return {"added": added, "draining": removed, "workers": n,
+                "versions": {s.name: s.version for s in self.slots.values()},
+                "current_version": self.current.version if self.current is not None else 0}
 
     async def _retire(self, slot: WorkerSlot) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: slot.in_flight == 0)
-        self.slots.pop(slot.name, None)
+        # Never in the middle of a push: the weight group would lose a member mid-broadcast.
+        async with self.broadcaster.lock if self.broadcaster is not None else contextlib.nullcontext():
+            self.slots.pop(slot.name, None)
         try:
             await asyncio.wait_for(slot.handle.shutdown.remote(), 30)
         except Exception:  # stopping anyway
@@ -194,19 +205,59 @@ class RolloutFleet:
                 continue
 
     # ---- weights --------------------------------------------------------------------------------
-    async def _load(self, slot: WorkerSlot, ref: WeightRef) -> float:
+    async def _load(self, slot: WorkerSlot, ref: WeightRef | BroadcastRef) -> float:
+        if isinstance(ref, BroadcastRef):
+            return await self._catch_up(slot)
         try:
-            return await asyncio.wait_for(slot.handle.load_weights.remote(ref), self.weight_sync_timeout_s)
+            seconds = await asyncio.wait_for(slot.handle.load_weights.remote(ref), self.weight_sync_timeout_s)
+            slot.version = ref.version
+            return seconds
         except asyncio.TimeoutError:
             raise WeightSyncTimeout(
                 f"{slot.name} did not load weights v{ref.version} within {self.weight_sync_timeout_s:.0f} s "
                 f"(node {slot.info.get('host')}, pid {slot.info.get('pid')})"
             ) from None
 
-    async def sync_weights(self, ref: WeightRef) -> float:
+    async def _catch_up(self, slot: WorkerSlot) -> float:
+        """A worker that missed versions (restarted, or new) gets the current one before it takes work."""
+        t0 = time.perf_counter()
+        async with self.broadcaster.lock:
+            # Under the lock the learner holds exactly `current` (a train step would hold the lock).
+            try:
+                await self.broadcaster.push(self.current.version, [slot])
+            except WeightPushFailed as e:
+                raise WeightSyncTimeout(f"{slot.name} did not get weights v{self.current.version}: {e}") from None
+            slot.version = self.current.version
+        return time.perf_counter() - t0
+
+    async def _broadcast(self, ref: BroadcastRef) -> None:
+        """One push to every ready worker; a worker that dies or stalls meanwhile is recovered, and the
+        others get the version again through a group re-formed without it."""
+        for attempt in range(2):
+            slots = [s for s in self.slots.values() if s.ready]
+            if not slots:
+                return
+            try:
+                await self.broadcaster.push(ref.version, slots)
+                for slot in slots:
+                    slot.version = ref.version
+                return
+            except WeightPushFailed as e:
+                log.warning("%s", e)
+                for slot in slots:
+                    if slot.name in e.dead + e.failed and slot.name in self.slots:
+                        # Recovery brings it to the current version before it takes work again.
+                        self._worker_lost(slot, e)
+                if attempt == 1:
+                    raise WeightSyncTimeout(str(e)) from None
+
+    async def sync_weights(self, ref: WeightRef | BroadcastRef) -> float:
         """Push a version to every live worker; in-flight episodes continue under it."""
         self.current = ref
         t0 = time.perf_counter()
+        if isinstance(ref, BroadcastRef):
+            await self._broadcast(ref)
+            return time.perf_counter() - t0
         slots = [s for s in self.slots.values() if s.ready]
         results = await asyncio.gather(*(self._load(s, ref) for s in slots), return_exceptions=True)
         for slot, r in zip(slots, results):
@@ -226,7 +277,8 @@ class RolloutFleet:
 
     def describe(self) -> list[dict]:
         return [
-            {"name": s.name, "ready": s.ready, "draining": s.draining, "in_flight": s.in_flight, "restarts": s.restarts,
+            {"name": s.name, "ready": s.ready, "version": s.version, "draining": s.draining, "in_flight": s.in_flight,
+             "restarts": s.restarts,
              "pid": s.info.get("pid"), "node_id": s.info.get("node_id"), "engine": s.info.get("engine")}
             for s in sorted(self.slots.values(), key=lambda s: s.name)
         ]

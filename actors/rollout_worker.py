@@ -89,6 +89,15 @@ class RolloutWorker:
             os.unlink(path)
         return time.perf_counter() - t0
 
+    async def join_weight_group(self, init_info: dict) -> None:
+        await self.engine.join_weight_group(init_info)
+
+    async def receive_weights(self, plan: dict, version: int) -> float:
+        """One version through the engine's weight-transfer protocol (weights.transport gloo / nccl)."""
+        t0 = time.perf_counter()
+        await self.engine.receive_weights(plan, version)
+        return time.perf_counter() - t0
+
     async def shutdown(self) -> None:
         await self.engine.shutdown()
         await self.backend.close()

@@ -1,6 +1,13 @@
 """Start (or join) what a run needs: Ray and Redis. Whatever this process started, it stops.
 
-With no `ray.address` a local Ray starts with its dashboard on loopback and its Prometheus
+Which Ray (`ray_target`): `ray.address` in the config, else the `RAY_ADDRESS` environment
+variable (Ray Jobs sets it for a job's entrypoint, so a submitted `rapo run` joins the cluster
+it was submitted to), else a private local Ray. A running local cluster is never joined
+implicitly (unlike `ray.init()` with no address): tests and other runs start private Rays on
+the same machine at the same time, and discovering "the" local cluster would make them join
+each other's. `ray.address=auto` asks for that discovery explicitly.
+
+With no address a local Ray starts with its dashboard on loopback and its Prometheus
 metrics (Ray's and rapo's custom ray_rapo_* ones, cluster/ray_metrics.py) on a free port; with
 no `redis.url` a private Redis server starts on loopback with a random password and AOF under
 the run folder. Both are torn down on normal exit, on error and on Ctrl-C / SIGTERM.
@@ -95,15 +102,29 @@ def _job_env_keys() -> set[str]:
         return set()
 
 
-def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | None]:
-    """Connect to ``ray.address`` or start a local Ray: (whether this process started it, dashboard URL)."""
+def ray_target(cfg: RunConfig, environ=os.environ) -> tuple[str | None, str]:
+    """The cluster to join (None: start a private local Ray) and where that choice came from."""
+    if cfg.ray.address:
+        return cfg.ray.address, "ray.address"
+    if environ.get("RAY_ADDRESS"):
+        return environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return None, "no ray.address nor RAY_ADDRESS"
+
+
+def init_ray(cfg: RunConfig, log_to_driver: bool = False, log=print) -> tuple[bool, str | None]:
+    """Join the cluster `ray_target` names, or start a private local Ray.
+
+    Returns (whether this process started Ray, the dashboard URL).
+    """
     import ray
 
     # Variables a submitted job already sets stay its own: Ray refuses to merge two values of one key.
     taken = _job_env_keys()
     env = {"env_vars": {k: v for k, v in ACTOR_ENV.items() if k not in taken}}
-    if cfg.ray.address:
-        info = ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
+    address, why = ray_target(cfg)
+    if address:
+        info = ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)
+        log(f"ray: joined the cluster at {address} (from {why}), node {ray.get_runtime_context().get_node_id()[:12]}")
         return False, info.dashboard_url
     from cluster.redis_server import free_port
 
@@ -122,6 +143,7 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = False) -> tuple[bool, str | N
         # Ray's metrics agent binds it on every interface: free there, not only on loopback.
         _metrics_export_port=free_port(""),
     )
+    log(f"ray: started a private local Ray ({why}), node {ray.get_runtime_context().get_node_id()[:12]}")
     return True, info.dashboard_url
 
 
@@ -139,7 +161,7 @@ def services(cfg: RunConfig, output_dir: Path, log=print, log_to_driver: bool = 
             server = start_redis(output_dir / "redis", executable=cfg.redis.executable)
             url, password = server.url, server.password
             log(f"redis: {url} (pid {server.process.pid}, AOF in {server.data_dir})")
-        ray_started, dashboard = init_ray(cfg, log_to_driver)
+        ray_started, dashboard = init_ray(cfg, log_to_driver, log)
         # ray.init installs its own SIGTERM handler, which exits without our clean-up: take it back.
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
         node_id = ray.get_runtime_context().get_node_id()

@@ -274,6 +274,34 @@ class PipelineConfig(Section):
         return self.max_staleness if self.mode == "async" else 0
 
 
+class WeightsConfig(Section):
+    """How a new policy version reaches the rollout engines (README, "Weight sync")."""
+
+    transport: Literal["auto", "gloo", "nccl", "file"] = Field(
+        "auto", description="gloo: vLLM's weight-transfer protocol, one gloo broadcast per bucket (any machine, "
+        "GPUs included); nccl: reserved for vLLM's NCCL engine (not wired to the learner yet); file: one safetensors "
+        "file per version pulled by each worker (kept for comparison); auto: gloo, or file for simulated engines"
+    )
+    bucket_mb: float | None = Field(
+        None, gt=0, description="parameters gathered, cast and sent at a time (default: 256 MB on GPUs, 64 MB on CPUs)"
+    )
+
+    def resolve(self, engine_kind: str, learner_backend: str) -> str:
+        simulated = "simulated" in (engine_kind, learner_backend)
+        if self.transport == "nccl":
+            raise ValueError("weights.transport=nccl is not wired to the learner yet: use weights.transport=gloo "
+                             "(vLLM's same protocol; it runs on GPU machines too)")
+        if self.transport == "auto":
+            return "file" if simulated else "gloo"
+        if self.transport == "gloo" and simulated:
+            raise ValueError("weights.transport=gloo needs real weights: the simulated engine and learner take "
+                             "weights.transport=file (or auto)")
+        return self.transport
+
+    def bucket_bytes(self, gpu: bool) -> int:
+        return int((self.bucket_mb or (256 if gpu else 64)) * (1 << 20))
+
+
 class RedisConfig(Section):
     url: str | None = Field(None, description="redis://host:port/db (or rediss://); unset starts a local server")
     password_env: str = Field("RAPO_REDIS_PASSWORD", description="env var holding the password of `url`")
@@ -314,9 +342,15 @@ class RunConfig(Section):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _weights_transport_fits(self) -> "RunConfig":
+        self.weights.resolve(self.rollout.engine, self.learner.backend)
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "RunConfig":

@@ -18,6 +18,7 @@ at the end; `lost_episodes` in the summary checks that bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from actors.learner_group import LearnerGroup
 from actors.redis_client import async_client
 from actors.reward_pool import RewardPool
 from actors.rollout_fleet import RolloutFleet, WorkerLost, rollout_worker_factory
+from actors.weight_sync import WeightBroadcaster
 from cluster import ray_metrics
 from cluster.admission import Admission, StalenessPolicy
 from cluster.config import RunConfig, flatten
@@ -62,6 +64,7 @@ from learner.scheduler import PromptScheduler
 from rollout.engine_factory import resolve_engine_kind
 from rollout.episodes import EpisodeRequest, episode_seed
 from rollout.types import Question, describe_error
+from rollout.weights import BroadcastRef
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ class Controller:
         self.tracker: Tracker | None = None
         self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
         self.rollout_dtype = rollout_dtype(cfg.rollout)  # the dtype weights are published in
+        self.weight_transport = cfg.weights.resolve(self.engine_kind, cfg.learner.backend)
         self.started = time.time()
         self.errors: list[str] = []
         self.use_scaling, self.use_replay, self.use_pruning = (
@@ -160,7 +164,8 @@ class Controller:
         self.phase = "starting actors"
         documents = ray.put(self.data.documents)
         self.fleet = RolloutFleet(self._worker_factory(documents), groups_per_worker=self._groups_per_worker(),
-                                  weight_sync_timeout_s=cfg.pipeline.weight_sync_timeout_s)
+                                  weight_sync_timeout_s=cfg.pipeline.weight_sync_timeout_s,
+                                  broadcaster=self._weight_broadcaster())
         self.rewards = RewardPool.create(cfg.rewards, redis_url=self.ctx.redis_url,
                                          redis_password=self.ctx.redis_password, namespace=ns)
         self.learner = self._new_learner()
@@ -181,6 +186,7 @@ class Controller:
         self.state.mlflow_run_id = self.tracker.start(
             cfg.tracking.run_name or self.ctx.run_id, flatten(cfg),
             tags={"rapo.run_id": self.ctx.run_id, "rapo.engine": self.engine_kind, "rapo.mode": cfg.pipeline.mode,
+                  "rapo.weights": self.weight_transport,
                   "rapo.algorithm": cfg.learner.algorithm},
             resume_run_id=self.state.mlflow_run_id,
         )
@@ -195,12 +201,30 @@ class Controller:
     def _worker_factory(self, documents):
         cfg, r = self.cfg, self.cfg.rollout
         spec = engine_spec(cfg, Path(self.ctx.model_dir), self.engine_kind)
+        if self.engine_kind == "vllm" and self.weight_transport != "file":
+            from rollout.weight_wire import BACKEND
+
+            spec = replace(spec, extra={**spec.extra, "weight_transfer_config": {"backend": BACKEND}})
         limits = episode_limits(r)
         options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker,
                    "resources": dict(r.resources) or None}
         redis = (self.ctx.redis_url, self.ctx.redis_password, self.ctx.namespace)
         return rollout_worker_factory(
             options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir, redis))
+
+    def _weight_broadcaster(self) -> WeightBroadcaster | None:
+        """weights.transport gloo: versions go through vLLM's weight-transfer protocol (None: files)."""
+        if self.weight_transport == "file":
+            return None
+        gpu = self.cfg.learner.num_gpus_per_rank > 0
+        return WeightBroadcaster(lambda: self.learner, dtype=self.rollout_dtype,
+                                 bucket_bytes=self.cfg.weights.bucket_bytes(gpu),
+                                 timeout_s=self.cfg.pipeline.weight_sync_timeout_s)
+
+    def _weights_lock(self):
+        """Held from a train step to its push, so a worker catching up always gets a published version."""
+        broadcaster = self.fleet.broadcaster if self.fleet is not None else None
+        return broadcaster.lock if broadcaster is not None else contextlib.nullcontext()
 
     def _new_learner(self) -> LearnerGroup:
         lc = self.cfg.learner
@@ -408,12 +432,13 @@ class Controller:
         Returns the learner's numbers and the training and weight-sync times."""
         cfg = self.cfg
         self.phase = f"step {step}: training"
-        t0 = time.perf_counter()
-        train = await self._train(entries, step)
-        t_train = time.perf_counter() - t0
-        self.phase = f"step {step}: syncing weights"
-        self.state.version += 1
-        t_sync = await self._publish_weights()
+        async with self._weights_lock():
+            t0 = time.perf_counter()
+            train = await self._train(entries, step)
+            t_train = time.perf_counter() - t0
+            self.phase = f"step {step}: syncing weights"
+            self.state.version += 1
+            t_sync = await self._publish_weights()
         # Only now may the next groups start: under the staleness bound, with the new weights.
         self.state.step = step
         self.unacked += [eid for eid, _ in entries]
@@ -503,9 +528,13 @@ class Controller:
         return out
 
     async def _publish_weights(self) -> float:
+        """The time/weight_sync_s (and ray_rapo_weight_sync_seconds) of a step: the whole push."""
         t0 = time.perf_counter()
-        ref = await self.learner.publish(self.ctx.weights_dir, self.state.version, self.rollout_dtype)
-        await self.fleet.sync_weights(ref)
+        if self.fleet.broadcaster is not None:
+            await self.fleet.sync_weights(BroadcastRef(self.state.version))
+        else:
+            ref = await self.learner.publish(self.ctx.weights_dir, self.state.version, self.rollout_dtype)
+            await self.fleet.sync_weights(ref)
         return time.perf_counter() - t0
 
     async def _export_policy(self) -> None:
@@ -555,8 +584,9 @@ class Controller:
         st.history = [h for h in st.history if h["step"] <= saved.step]
         self.unacked = []
         self.replay_cursor = "0"
-        st.version += 1
-        await self._publish_weights()
+        async with self._weights_lock():
+            st.version += 1
+            await self._publish_weights()
 
     # ---- evaluation ----------------------------------------------------------------------------
     async def _evaluate(self, step: int) -> dict[str, float]:
@@ -679,7 +709,7 @@ class Controller:
 
     async def _summary(self, status: str) -> dict[str, Any]:
         replay = await self.replay.stats() if self.use_replay and self.redis is not None else None
-        return run_summary(
+        summary = run_summary(
             self.cfg, self.state, status=status, run_id=self.ctx.run_id, engine_kind=self.engine_kind,
             fleet_size=self.fleet.size if self.fleet else 0, worker_restarts=self.fleet.restarts if self.fleet else 0,
             eval_questions=len(self.data.heldout) if self.data is not None else 0,
@@ -690,6 +720,10 @@ class Controller:
             running=len(self.running), requeued=len(self.requeue), wall_time_s=self._wall_time_s(),
             model_dir=self.ctx.model_dir, model_source=self.ctx.model_meta.get("source", "path"), errors=self.errors,
         )
+        broadcaster = self.fleet.broadcaster if self.fleet is not None else None
+        summary.update(weights_transport=self.weight_transport,
+                       weight_groups_formed=broadcaster.groups_formed if broadcaster is not None else 0)
+        return summary
 
     def _finish(self, summary: dict, status: str) -> None:
         path = self.output_dir / "summary.json"

@@ -8,6 +8,10 @@
 #   deploy/gpu_check.sh --zero-stage 2 --batch 16 --micro-batch 8 --peak-tflops 989
 #   deploy/gpu_check.sh --cpu                # plumbing check without a GPU (tiny model, gloo)
 #
+# Then (unless --no-weight-sync) the learner's side of a weight push for the Qwen3-0.6B and 4B
+# shapes: bucketed gather + cast + pack, and with 2+ GPUs the NCCL broadcast to a plain-torch
+# receiver on GPU 1 (deploy/gpu_weight_sync.py).
+#
 # Any other option goes to gpu_check.py (see `python deploy/gpu_check.py --help`). PYTHON picks
 # the interpreter (default: the repo's .venv if present, else python3). Exits non-zero on failure.
 set -euo pipefail
@@ -20,10 +24,12 @@ fi
 
 cpu=0
 nproc=1
+weight_sync=1
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu) cpu=1; args+=("$1"); shift ;;
+        --no-weight-sync) weight_sync=0; shift ;;
         --nproc) nproc="${2:?--nproc needs a number}"; shift 2 ;;
         --nproc=*) nproc="${1#--nproc=}"; shift ;;
         *) args+=("$1"); shift ;;
@@ -64,6 +70,20 @@ PY
 
 echo "== learner steps"
 if [[ $nproc -gt 1 ]]; then
-    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/gpu_check.py" ${args[@]+"${args[@]}"}
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/gpu_check.py" \
+        ${args[@]+"${args[@]}"}
+else
+    "$PYTHON" "$here/gpu_check.py" ${args[@]+"${args[@]}"}
 fi
-exec "$PYTHON" "$here/gpu_check.py" ${args[@]+"${args[@]}"}
+
+[[ $weight_sync -eq 1 ]] || exit 0
+echo "== weight sync: the learner's bucketed gather + cast (+ NCCL broadcast to a plain-torch receiver on GPU 1)"
+ws_args=()
+[[ $cpu -eq 1 ]] && ws_args+=(--cpu --shapes tiny)
+gpus=0
+[[ $cpu -eq 1 ]] || gpus="$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)"
+if [[ $gpus -ge 2 ]]; then
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 "$here/gpu_weight_sync.py" \
+        ${ws_args[@]+"${ws_args[@]}"}
+fi
+exec "$PYTHON" "$here/gpu_weight_sync.py" ${ws_args[@]+"${ws_args[@]}"}

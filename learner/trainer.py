@@ -248,6 +248,18 @@ class Trainer:
         os.replace(tmp, path)
         return len(tensors)
 
+    def weight_plan(self, dtype: str, bucket_bytes: int):
+        from learner.weight_stream import weight_plan
+
+        return weight_plan(self.engine.module.model, dtype, bucket_bytes, self.tied)
+
+    def send_weights(self, plan, group) -> int:
+        """Stream the policy to the rollout engines, bucket by bucket; a collective under ZeRO-3."""
+        from learner.weight_stream import send_weights
+
+        return send_weights(self.engine.module.model, plan, group, zero3=self.cfg.zero_stage == 3,
+                            is_sender=self.dist.rank == 0)
+
     def save_checkpoint(self, directory: Path, tag: str) -> None:
         self.engine.save_checkpoint(str(directory), tag=tag)
 

@@ -38,6 +38,7 @@ class HFEngine:
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._group = None
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> Generation:
         if self._runner is None:
@@ -128,6 +129,25 @@ class HFEngine:
         async with self._lock:
             weights = load_file(path)
             self.model.load_state_dict(weights, strict=False)
+            self.version = version
+
+    async def join_weight_group(self, init_info: dict) -> None:
+        from rollout.weight_wire import GroupAddress, join_group
+
+        if self._group is not None:
+            self._group.shutdown()
+        self._group = await asyncio.to_thread(join_group, GroupAddress(**init_info))
+
+    async def receive_weights(self, plan: dict, version: int) -> None:
+        """The gloo transport's receive side, applied between generation batches (under the lock)."""
+        from rollout.weight_wire import UpdatePlan, receive
+
+        def load():
+            for bucket in receive(self._group, UpdatePlan(**plan)):
+                self.model.load_state_dict(dict(bucket), strict=False)
+
+        async with self._lock:
+            await asyncio.to_thread(load)
             self.version = version
 
     async def shutdown(self) -> None:

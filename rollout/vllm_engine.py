@@ -66,6 +66,7 @@ class VLLMEngine:
         self._llm = AsyncLLM.from_engine_args(args)
         self.version = 0
         self._weights_lock = asyncio.Lock()
+        self._paused = False
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingConfig, request_id: str) -> Generation:
         from vllm import SamplingParams
@@ -103,6 +104,35 @@ class VLLMEngine:
                 self.version = version
             finally:
                 await self._llm.resume_generation()
+
+    async def join_weight_group(self, init_info: dict) -> None:
+        """Join (or re-join) the group weights are broadcast in; blocks until every member has joined."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        await self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def receive_weights(self, plan: dict, version: int) -> None:
+        """Take one version through vLLM's weight-transfer protocol, atomically between decode steps.
+
+        Generation stays paused until a version has arrived whole: if the transfer fails (a peer
+        died), nothing is generated under half-loaded weights; the retry, or the worker's recovery,
+        resumes it.
+        """
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        async with self._weights_lock:
+            if not self._paused:
+                # "keep" freezes running requests in place; they continue under the new weights.
+                await self._llm.pause_generation(mode="keep", clear_cache=False)
+                self._paused = True
+            await self._llm.start_weight_update()
+            await self._llm.update_weights(WeightTransferUpdateRequest(update_info=plan))
+            await self._llm.finish_weight_update(weight_version=str(version))
+            # Preempting running requests makes them recompute their KV under the new weights.
+            await self._llm.reset_prefix_cache(reset_running_requests=True)
+            self.version = version
+            await self._llm.resume_generation()
+            self._paused = False
 
     async def shutdown(self) -> None:
         if self._llm is not None:

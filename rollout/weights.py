@@ -14,3 +14,10 @@ class WeightRef:
     node_id: str
     # The learner actor that can send the file to a worker on another node.
     source: object = None
+
+
+@dataclass(frozen=True)
+class BroadcastRef:
+    """A published version that stays in the learner until it is broadcast (weights.transport gloo / nccl)."""
+
+    version: int

@@ -24,6 +24,8 @@ def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
     assert summary["steps"] == steps
     assert summary["engine"] == "vllm" and summary["learner"] == "deepspeed"
     assert summary["weight_versions_published"] == steps  # one per step
+    # Through vLLM's weight-transfer protocol (the gloo engine), one group for the one worker.
+    assert summary["weights_transport"] == "gloo" and summary["weight_groups_formed"] == 1
     assert summary["episodes"] == steps * 2 * 4  # questions_per_step x samples_per_question
     assert summary["accuracy_initial"] is not None and summary["accuracy_final"] is not None
     for key in ("zero_stage", "tool_calls_per_episode", "wall_time_s", "mode"):

@@ -89,3 +89,30 @@ def test_submit_wait_then_status(ray_head, tmp_path):
 def test_bad_config_is_refused_before_submission(ray_head):
     sub = _rapo("submit", "deploy/configs/smoke.yaml", "learner.zero_stag=1", "--address", ray_head, timeout=60)
     assert sub.returncode == 2 and "learner.zero_stag" in sub.stderr
+
+
+def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
+    """Ray's own CLI, no ray.address in the config: the job's `rapo run` must join this cluster
+    (RAY_ADDRESS, set by Ray Jobs), not start a private Ray whose workers cannot fetch the job's files."""
+    from ray.util.state import list_actors
+
+    from cluster.jobs import UPLOAD_EXCLUDES
+
+    out = tmp_path / "ray-job-run"
+    ray_bin = Path(sys.executable).with_name("ray")
+    path = f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
+    env.pop("RAY_ADDRESS", None)
+    sub = subprocess.run(
+        [str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
+         "python", "-m", "cluster.cli", "run", "deploy/configs/smoke.yaml", "pipeline.steps=1",
+         "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+    assert "joined the cluster" in sub.stdout and "(from RAY_ADDRESS)" in sub.stdout, sub.stdout[-4000:]
+    assert "private local Ray" not in sub.stdout
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    names = {a.name for a in list_actors(address=ray_head, limit=1000)}
+    assert {"learner-0", "rollout-0"} <= names, names

@@ -205,3 +205,15 @@ def test_fuzz_overrides_raise_only_config_errors_and_round_trip(overrides):
     except ConfigError:
         return
     assert config_from_dict(json.loads(cfg.model_dump_json())) == cfg
+
+
+def test_weights_transport_defaults_to_vllms_protocol_and_refuses_what_cannot_run():
+    assert RunConfig().weights.resolve("vllm", "deepspeed") == "gloo"
+    assert RunConfig().weights.resolve("simulated", "simulated") == "file"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["weights.transport=gloo", "rollout.engine=simulated", "learner.backend=simulated"])
+    assert "weights.transport=file" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["weights.transport=nccl"])
+    assert "weights.transport=gloo" in str(e.value)
+    assert RunConfig().weights.bucket_bytes(gpu=True) == 256 << 20

@@ -1,0 +1,92 @@
+"""Pushing a policy version to the rollout engines through one weight group (weights.transport gloo / nccl).
+
+The group is learner rank 0 plus every receiving engine; it is formed again whenever its members
+change (a worker joined, left or was restarted). A push streams the learner's buckets while every
+member receives them through vLLM's weight-transfer protocol. A member that dies or stalls during
+a push fails it after the timeout, named; the fleet brings it back through recovery and pushes
+again to the others in a group re-formed without it.
+
+`lock` makes versions exact: the controller holds it from a train step to that step's push, and a
+worker catching up (restarted, or added by `rapo scale`) takes it too, so the weights it receives
+are always the published version it is told they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import ray
+
+OP_TIMEOUT_S = 60.0
+
+
+class WeightPushFailed(RuntimeError):
+    def __init__(self, message: str, dead: list[str], failed: list[str]):
+        super().__init__(message)
+        self.dead = dead
+        self.failed = failed
+
+
+class WeightBroadcaster:
+    def __init__(self, learner: Callable[[], object], *, dtype: str, bucket_bytes: int, timeout_s: float):
+        self.learner = learner
+        self.dtype = dtype
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.lock = asyncio.Lock()
+        self.members: tuple | None = None
+        self.plan: dict | None = None
+        self.groups_formed = 0
+        self.bytes_sent = 0
+
+    def reset(self) -> None:
+        """The learner was replaced: its group is gone."""
+        self.members = None
+
+    async def push(self, version: int, slots: list) -> None:
+        learner = self.learner()
+        if self.plan is None:
+            self.plan = await learner.weight_plan(self.dtype, self.bucket_bytes)
+        key = tuple((s.name, s.restarts, id(learner)) for s in slots)
+        try:
+            if key != self.members:
+                self.members = None
+                # Per collective (one bucket, one join), so shorter than the whole push may take: a member
+                # that died frees the others soon, and their engines can take the next group's join.
+                address = await learner.open_weight_group(len(slots) + 1, min(self.timeout_s, OP_TIMEOUT_S))
+                joins = [s.handle.join_weight_group.remote({**address, "rank": i + 1}) for i, s in enumerate(slots)]
+                await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
+                self.members = key
+                self.groups_formed += 1
+            sent = await self._all(learner.send_weights(self.plan),
+                                   [s.handle.receive_weights.remote(self.plan, version) for s in slots],
+                                   slots, f"receive weights v{version}")
+            self.bytes_sent += sent or 0
+        except BaseException:
+            self.members = None
+            raise
+
+    async def _all(self, sender, receivers: list, slots: list, what: str):
+        tasks = [asyncio.ensure_future(sender)] + [asyncio.ensure_future(_wrap(r)) for r in receivers]
+        # The group's own timeout fails every blocked member first; this one only bounds the RPCs.
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout_s + 30)
+        for t in pending:
+            t.cancel()
+        dead, failed = [], []
+        for slot, t in zip(slots, tasks[1:]):
+            error = t.exception() if t in done else TimeoutError()
+            if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+                dead.append(slot.name)
+            elif error is not None:
+                failed.append(slot.name)
+        sender_error = tasks[0].exception() if tasks[0] in done else TimeoutError("no answer")
+        if dead or failed or sender_error is not None:
+            raise WeightPushFailed(
+                f"weight push: {what} failed; died: {dead or 'none'}; failed or timed out after "
+                f"{self.timeout_s:.0f} s: {failed or 'none'}; learner: {sender_error!r}", dead, failed)
+        return tasks[0].result()
+
+
+async def _wrap(ref):
+    return await ref

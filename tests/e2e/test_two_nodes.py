@@ -1,0 +1,124 @@
+"""Two real Ray nodes on one machine: the learner on one, rollout workers on the other.
+
+The weights cross between the nodes through vLLM's weight-transfer protocol (the project's gloo
+engine); after each push the engine's behaviour logprobs equal the learner's; `rapo scale` adds a
+worker on the second node that starts at the current version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, group_alive
+from tests.e2e.test_fault_tolerance import _read, _wait_for_step
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_node(args: list[str], temp: Path) -> subprocess.Popen:
+    # Each node's agents on ports of their own: two raylets share this machine's address.
+    ray_bin = Path(sys.executable).with_name("ray")
+    return subprocess.Popen(
+        [str(ray_bin), "start", "--block", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+         f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}", *args],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture
+def two_nodes():
+    gcs = _port()
+    temp = Path("/tmp") / f"rapo-2n-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
+    # Without a port of its own the head's dashboard process fights other Rays for 8265 and the node times out.
+    head = _ray_node(["--head", f"--port={gcs}", "--include-dashboard=false", f"--dashboard-port={_port()}",
+                      '--resources={"rapo_learner_node": 1}'], temp)
+    nodes = [head]
+    try:
+        address = f"127.0.0.1:{gcs}"
+        _wait_for_nodes(address, 1)
+        nodes.append(_ray_node([f"--address={address}",
+                                '--resources={"rapo_rollout_node": 4}'], temp))
+        _wait_for_nodes(address, 2)
+        yield address
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, n: int, timeout: float = 300) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(ray_bin), "status", f"--address={address}"], capture_output=True, text=True,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        if out.returncode == 0 and out.stdout.count("node_") >= n:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{n} Ray nodes did not come up at {address}")
+
+
+def _scale(address: str, n: int) -> dict:
+    cmd = [sys.executable, "-m", "cluster.cli", "scale", "--rollout-workers", str(n), "--address", address]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_learner_and_rollout_on_two_nodes_with_a_scale_up(two_nodes, rapo, tmp_path):
+    run = tmp_path / "run"
+    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(run), f"pipeline.steps={STEPS}",
+             f"ray.address={two_nodes}", "learner.resources={rapo_learner_node: 1}",
+             "rollout.resources={rapo_rollout_node: 1}", "learner.autocast_bf16=false", "pipeline.eval_every=0",
+             "data.eval_size=2")
+    _wait_for_step(run, p, 1)
+    up = _scale(two_nodes, 2)
+    assert up["added"] == ["rollout-1"]
+    # Caught up before taking work: the version every worker holds is the current one.
+    assert up["versions"]["rollout-1"] == up["current_version"] >= 1
+    assert p.wait(timeout=900) == 0, p.output[-4000:]
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["weights_transport"] == "gloo"
+    assert summary["weight_groups_formed"] >= 2  # one for rollout-0, again once rollout-1 joined
+    actors = _read(run / "actors.json")
+    learner_node = actors["learner"][0]["node_id"]
+    rollout_nodes = {a["node_id"] for a in actors["rollout"]}
+    assert len(rollout_nodes) == 1 and learner_node not in rollout_nodes
+    assert all(a["version"] == STEPS for a in actors["rollout"])
+    # Sync mode: every step after the first trains on episodes of the version just pushed; the
+    # learner recomputes their logprobs with its own weights, so the gap measures the push.
+    history = json.loads((run / "history.json").read_text())["steps"]
+    gaps = [h["learner/prox_behaviour_abs_diff"] for h in history]
+    assert len(gaps) == STEPS and max(gaps) < 1e-4, gaps
