@@ -91,8 +91,10 @@ class Trajectory:
 
     @property
     def generated_tokens(self) -> int:
-        # count_nonzero, not sum: the mask may be a uint8 array (pack), whose sum would wrap at 256.
-        return int(np.count_nonzero(np.asarray(self.loss_mask)))
+        if isinstance(self.loss_mask, np.ndarray):
+            # count_nonzero, not sum: a packed mask is uint8, whose sum would wrap at 256.
+            return int(np.count_nonzero(self.loss_mask))
+        return int(sum(self.loss_mask))
 
     @property
     def num_tool_calls(self) -> int:
