@@ -129,8 +129,7 @@ class BenchController(Controller):
         self.replay = ReplayBuffer(self.redis, ns, threshold=cfg.learner.replay_threshold,
                                    max_entries=cfg.learner.replay_max_entries)
         self.pruning = PruningState(self.redis, ns, threshold=cfg.learner.prune_threshold)
-        self.scheduler = PromptScheduler([q.id for q in self.data.train], cfg.pipeline.seed)
-        self.rollout_dtype = "bfloat16"
+        self.scheduler = PromptScheduler([q.id for q in self.data.train], cfg.pipeline.seed, self.state.scheduler)
         limit = cfg.rollout.max_model_len
 
         def make(name: str):
@@ -146,10 +145,10 @@ class BenchController(Controller):
 
     async def run_bench(self) -> dict:
         await self._pipeline()
-        return dict(self.counts)
+        return dict(self.state.counts)
 
     def progress(self) -> dict:
-        return {"step": self.step, "admitted": self.counts["admitted"]}
+        return {"step": self.state.step, "admitted": self.state.counts["admitted"]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -349,7 +349,7 @@ async def score_in_groups(pool, trajs, questions, group_size: int):
     trajectories (the controller's pattern), their reports summed into one."""
     if group_size <= 0:
         return await pool.score(trajs, questions)
-    from actors.reward_pool import PoolReport
+    from rewards.report import PoolReport
 
     reports = await asyncio.gather(*(pool.score(trajs[i:i + group_size], questions)
                                      for i in range(0, len(trajs), group_size)))
