@@ -312,7 +312,8 @@ def capacity_loss(r: dict, latency: float) -> CapacityLoss:
     full = next((t for t, n in r["sampler"].samples if t >= r["t0"] and n >= r["conc"]), None)
     d = r["stats_delta"]
     client_call_s = d["latency_sum_s"] / d["latency_count"] if d.get("latency_count") else None
-    return attribute_capacity(calls, latency, r["conc"], r["t0"], r["wall_end"], full_at=full, client_call_s=client_call_s)
+    return attribute_capacity(calls, latency, r["conc"], r["t0"], r["wall_end"], full_at=full,
+                              client_call_s=client_call_s)
 
 
 def _prompt_key(body) -> str:
@@ -338,7 +339,8 @@ def print_capacity_loss(console, loss: CapacityLoss, slots: int) -> None:
          "event-loop lag)"),
         ("middle: dispatch gaps", loss.dispatch_gap,
          "a slot free with no call ready: chunking, Ray round trips, an actor's queue empty, its event loop"),
-        ("(middle: waiting to retry)", loss.backoff, "judgements in backoff; idles a slot only if nothing else was queued"),
+        ("(middle: waiting to retry)", loss.backoff,
+         "judgements in backoff; idles a slot only if nothing else was queued"),
     ):
         table.add_row(name, f"{value / loss.capacity:.1%}", what)
     console.print(table)
@@ -474,7 +476,8 @@ async def run_pool(args, srv, cfg) -> dict:
         "sampler_mean": sampler.mean(t0, t0 + wall), "sampler_peak": sampler.peak, "sampler": sampler, "t0": t0, "wall_end": t0 + wall,
         "cpu_busy": (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) if cpu0 and cpu1 else None,
         "cpu_roles": cpu_by_role(procs0, procs1), "wrong": wrong, "warm_n": warm_n,
-        "stats_delta": {k: stats_after.get(k, 0) - stats_before.get(k, 0) for k in ("coalesced", "cache_hits", "requests", "retries", "latency_sum_s", "latency_count")},
+        "stats_delta": {k: stats_after.get(k, 0) - stats_before.get(k, 0)
+                        for k in ("coalesced", "cache_hits", "requests", "retries", "latency_sum_s", "latency_count")},
         "clock_offset": clock_offset, "conc": conc,
     }
 
@@ -582,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         ("steady-state ratio", f"{steady:.3f}",
          f"ok calls ending in [{mid0 - r['t0']:.2f}, {mid1 - r['t0']:.2f}] s / its length / ideal: while the pool had "
          f"new work to start (no ramp, no batch tail); vs error-adjusted ideal: {steady / (1 - args.error_rate):.2f}"),
-        ("pool efficiency", f"{ratio / perfect:.2f}", "throughput_ratio / perfect-pool ratio: this pool vs a zero-overhead one"),
+        ("pool efficiency", f"{ratio / perfect:.2f}",
+         "throughput_ratio / perfect-pool ratio: this pool vs a zero-overhead one"),
     ]
     for row in rows:
         table.add_row(*row)

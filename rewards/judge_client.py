@@ -428,7 +428,8 @@ class JudgeClient:
         s = self.settings
         extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if s.json_mode else {}
         estimate = estimate_tokens(messages, s.max_tokens)
-        body = {"model": s.model, "messages": messages, "temperature": s.temperature, "max_tokens": s.max_tokens, **extra}
+        body = {"model": s.model, "messages": messages, "temperature": s.temperature, "max_tokens": s.max_tokens,
+                **extra}
         async with self._semaphore:
             await self._limiter.acquire(estimate)
             self.stats.requests += 1
@@ -458,9 +459,11 @@ class JudgeClient:
         try:
             content = response["choices"][0]["message"]["content"] if response.get("choices") else None
             usage = response.get("usage") or {}
-            prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise _CallFailed("invalid_reply", f"the response is not a chat completion: {type(e).__name__}: {e}") from None
+            detail = f"the response is not a chat completion: {type(e).__name__}: {e}"
+            raise _CallFailed("invalid_reply", detail) from None
         if usage:
             self.stats.prompt_tokens += prompt_tokens
             self.stats.completion_tokens += completion_tokens

@@ -248,11 +248,12 @@ class OpenAITestServer:
         authorized = self._api_key is None or (bearer and header[len("Bearer ") :] == self._api_key)
         return bearer, authorized
 
-    def _record(self, request: web.Request, *, bearer: bool, authorized: bool, task: str | None, fault: str, status: int, body: Any,
-                at: float | None = None) -> None:
+    def _record(self, request: web.Request, *, bearer: bool, authorized: bool, task: str | None, fault: str,
+                status: int, body: Any, at: float | None = None) -> None:
         at = time.monotonic() if at is None else at
         with self._lock:
-            self._records.append(RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body))
+            self._records.append(
+                RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body))
 
     def _next_fault(self) -> str:
         with self._lock:
@@ -302,11 +303,13 @@ class OpenAITestServer:
             body = None
         task = _task_of(body)
         if not authorized:
-            self._record(request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body, at=arrived)
+            self._record(request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body,
+                         at=arrived)
             # The message never echoes the key that was sent.
             return self._error(401, "Incorrect API key provided.")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            self._record(request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body, at=arrived)
+            self._record(request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body,
+                         at=arrived)
             return self._error(400, "the body must be a JSON object with a 'messages' list")
         fault = self._next_fault()
         if self.latency_s > 0:
@@ -319,7 +322,8 @@ class OpenAITestServer:
                 pass
         if fault.startswith("http_"):
             status = int(fault[5:])
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body, at=arrived)
+            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body,
+                         at=arrived)
             headers = {"Retry-After": f"{self.retry_after_s:g}"} if self.retry_after_s is not None and status in (429, 503) else None
             return self._error(status, f"injected HTTP {status}", headers)
         if fault == DEEP_BODY:
@@ -329,7 +333,8 @@ class OpenAITestServer:
         try:
             content = self.responder(body)
         except (ValueError, KeyError, TypeError) as e:
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body, at=arrived)
+            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body,
+                         at=arrived)
             return self._error(400, f"the test server cannot answer this prompt: {e}")
         if fault == MALFORMED:
             with self._lock:

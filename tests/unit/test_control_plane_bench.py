@@ -19,7 +19,8 @@ def test_overhead_is_the_share_of_the_step_the_controller_is_busy():
 
 def test_command_counts_from_info_commandstats():
     before = command_calls({"cmdstat_xadd": {"calls": 3, "usec": 10}, "cmdstat_hincrby": {"calls": 5}})
-    after = command_calls({"cmdstat_xadd": {"calls": 7}, "cmdstat_hincrby": {"calls": 5}, "cmdstat_evalsha": {"calls": 2}})
+    after = command_calls({"cmdstat_xadd": {"calls": 7}, "cmdstat_hincrby": {"calls": 5},
+                           "cmdstat_evalsha": {"calls": 2}})
     assert before == {"xadd": 3, "hincrby": 5}
     assert calls_delta(before, after) == {"xadd": 4, "evalsha": 2}  # unchanged commands are left out, busiest first
     assert list(calls_delta(before, after)) == ["xadd", "evalsha"]

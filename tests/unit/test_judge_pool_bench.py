@@ -10,7 +10,8 @@ from bench.judge_pool import CallRecord, attribute_capacity
 
 
 def test_a_full_run_has_no_idle_capacity():
-    calls = [CallRecord(0.0, True, "a"), CallRecord(0.0, True, "b"), CallRecord(1.0, True, "c"), CallRecord(1.0, True, "d")]
+    calls = [CallRecord(0.0, True, "a"), CallRecord(0.0, True, "b"), CallRecord(1.0, True, "c"),
+             CallRecord(1.0, True, "d")]
     loss = attribute_capacity(calls, latency=1.0, slots=2, start=0.0, end=2.0, full_at=0.0)
     assert (loss.capacity, loss.busy) == (4.0, 4.0)
     assert loss.ramp == loss.tail == loss.middle == loss.backoff == 0.0
@@ -19,7 +20,8 @@ def test_a_full_run_has_no_idle_capacity():
 
 def test_idle_slots_are_split_into_ramp_middle_and_tail():
     # Two slots, latency 1: "a" fails at 0 and is retried at 2.5 (a 1.5 s backoff); "b" and "c" run back to back.
-    calls = [CallRecord(0.0, False, "a"), CallRecord(0.5, True, "b"), CallRecord(1.5, True, "c"), CallRecord(2.5, True, "a")]
+    calls = [CallRecord(0.0, False, "a"), CallRecord(0.5, True, "b"), CallRecord(1.5, True, "c"),
+             CallRecord(2.5, True, "a")]
     loss = attribute_capacity(calls, latency=1.0, slots=2, start=0.0, end=3.5, client_call_s=1.1)
     assert loss.busy == pytest.approx(4.0)
     assert loss.ramp == pytest.approx(0.5)  # [0, 1): slot 2 idle until "b" at 0.5
