@@ -44,12 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-# A shared host may sit near its memory limit because of other work: Ray's memory monitor would then kill
-# these light actors. The kernel still guards the host.
-os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-
 import ray  # noqa: E402
 
 from bench.sim_rollout_worker import SimRolloutWorker  # noqa: E402
@@ -189,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.controller import RunContext
     from cluster.redis_server import start_redis
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # A shared host may sit near its memory limit because of other work: Ray's memory monitor would then
+    # kill these light actors. The kernel still guards the host.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     work = Path(tempfile.mkdtemp(prefix="rapo-control-plane-"))
     redis_srv = start_redis(work / "redis")
     ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False,
