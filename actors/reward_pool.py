@@ -94,6 +94,12 @@ class RewardPool:
         self.chunk_size = chunk_size
         self.per_actor = chunks_in_flight_per_actor
         self.max_attempts = max_attempts
+        # Chunks in flight per actor over every score() call at once: the controller scores each group
+        # with its own call, so a per-call count would deal every group's first chunks to the same
+        # first actors and leave the rest idle.
+        self.load = [0] * len(actors)
+        self._freed: asyncio.Event | None = None  # set (and replaced) whenever a chunk comes back
+        self._freed_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def create(cls, cfg, *, redis_url: str | None, redis_password: str | None, namespace: str) -> "RewardPool":
@@ -128,8 +134,9 @@ class RewardPool:
         results: dict[int, Score] = {}
         running: dict[asyncio.Future, tuple[int, list, int]] = {}
         probes: dict[asyncio.Future, int] = {}
-        load = [0] * len(self.actors)
+        load = self.load
         down: set[int] = set()
+        freed: asyncio.Future | None = None
         try:
             while chunks or running:
                 up = [i for i in range(len(self.actors)) if i not in down]
@@ -139,8 +146,15 @@ class RewardPool:
                     future = asyncio.ensure_future(self.actors[actor].score.remote(items))
                     running[future] = (actor, items, tries)
                     load[actor] += 1
-                done, _ = await asyncio.wait([*running, *probes], return_when=asyncio.FIRST_COMPLETED)
+                if chunks and up and freed is None:
+                    # Every live actor is full with other calls' chunks: wake when any comes back.
+                    freed = asyncio.ensure_future(self._freed_event().wait())
+                waiting = [*running, *probes, *([freed] if freed is not None else [])]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
+                    if future is freed:
+                        freed = None
+                        continue
                     if future in probes:
                         actor = probes.pop(future)
                         if future.exception() is None:
@@ -149,7 +163,7 @@ class RewardPool:
                             probes[asyncio.ensure_future(self._probe(actor))] = actor
                         continue
                     actor, items, tries = running.pop(future)
-                    load[actor] -= 1
+                    self._release(actor)
                     try:
                         scored = future.result()
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
@@ -178,10 +192,26 @@ class RewardPool:
         finally:
             for probe in probes:
                 probe.cancel()
+            if freed is not None:
+                freed.cancel()
+            for actor, _, _ in running.values():
+                self._release(actor)  # cancelled or failed mid-call: its chunks no longer count
         for key, score in results.items():
             apply_score(trajs[key], score)
             report.add(score)
         return report
+
+    def _freed_event(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._freed is None or self._freed_loop is not loop:  # an event serves one loop
+            self._freed, self._freed_loop = asyncio.Event(), loop
+        return self._freed
+
+    def _release(self, actor: int) -> None:
+        self.load[actor] -= 1
+        if self._freed is not None:
+            self._freed.set()  # wakes every call waiting for room; the next waiter gets a fresh event
+            self._freed = None
 
     async def _probe(self, actor: int, delay_s: float = 0.2) -> str:
         await asyncio.sleep(delay_s)

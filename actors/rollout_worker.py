@@ -71,7 +71,7 @@ class RolloutWorker:
                 except Exception as e:  # noqa: BLE001
                     traj = Trajectory.failed(req.question.id, req.sample_index, e, version=self.engine.version)
                 traj.worker = self.name
-                return traj
+                return traj.pack()  # arrays: cheap to ship, and the controller does not convert them
 
         return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
 

@@ -7,6 +7,7 @@ Redis (with AOF), the pruned set survives a learner restart and a resumed run ke
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from learner.advantages import questions_to_prune
@@ -20,11 +21,19 @@ class PruningState:
 
     async def record(self, epoch: int, outcomes: Iterable[tuple[str, bool]]) -> None:
         """Add judged outcomes (question id, correct) to ``epoch``'s counts."""
+        totals: Counter[str] = Counter()
+        solved: Counter[str] = Counter()
+        for qid, correct in outcomes:
+            totals[qid] += 1
+            solved[qid] += bool(correct)
+        if not totals:
+            return
+        # One increment per question (a group is one question's n rollouts), not one per rollout.
         async with self.redis.pipeline(transaction=True) as pipe:
-            for qid, correct in outcomes:
-                pipe.hincrby(f"{self.prefix}:total:{epoch}", qid, 1)
-                if correct:
-                    pipe.hincrby(f"{self.prefix}:correct:{epoch}", qid, 1)
+            for qid, n in totals.items():
+                pipe.hincrby(f"{self.prefix}:total:{epoch}", qid, n)
+                if solved[qid]:
+                    pipe.hincrby(f"{self.prefix}:correct:{epoch}", qid, solved[qid])
             await pipe.execute()
 
     async def finish_epoch(self, epoch: int) -> set[str]:

@@ -35,8 +35,19 @@ class PromptScheduler:
         self.ids = list(question_ids)
         self.seed = seed
         self.state = state or SchedulerState()
+        # The controller draws one question per group: remember the epoch's order instead of
+        # reshuffling the whole set per draw. Keyed by the pruned list object (prune replaces it).
+        self._cache: tuple[int, list[str], int, list[str]] | None = None
 
     def _order(self, epoch: int) -> list[str]:
+        c = self._cache
+        if c is not None and c[0] == epoch and c[1] is self.state.pruned and c[2] == len(self.state.pruned):
+            return c[3]
+        order = self._shuffled(epoch)
+        self._cache = (epoch, self.state.pruned, len(self.state.pruned), order)
+        return order
+
+    def _shuffled(self, epoch: int) -> list[str]:
         pruned = set(self.state.pruned)
         active = [q for q in self.ids if q not in pruned]
         rng = np.random.default_rng([self.seed, epoch])

@@ -9,7 +9,7 @@ token (0 where the mask is 0).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,9 @@ class Trajectory:
 
     @property
     def generated_tokens(self) -> int:
+        if isinstance(self.loss_mask, np.ndarray):
+            # count_nonzero, not sum: a packed mask is uint8, whose sum would wrap at 256.
+            return int(np.count_nonzero(self.loss_mask))
         return int(sum(self.loss_mask))
 
     @property
@@ -106,8 +109,20 @@ class Trajectory:
             )
 
     # Compact wire format: arrays as raw bytes, the rest as JSON. Used for Redis and checkpoints.
+    def pack(self) -> "Trajectory":
+        """Token ids, loss mask and logprobs as numpy arrays of their wire types (in place).
+
+        A rollout worker packs what it returns: arrays cross Ray without per-element pickling and
+        encode for Redis without a per-element pass, so this work stays on the many workers
+        instead of the one controller (three lists of a 4k-token episode cost it ~10 ms)."""
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
+        self.loss_mask = np.asarray(self.loss_mask, dtype=np.uint8)
+        self.behaviour_logprobs = np.asarray(self.behaviour_logprobs, dtype=np.float32)
+        return self
+
     def to_wire(self) -> dict[str, bytes]:
-        meta = asdict(self)
+        # asdict of a copy without the arrays: asdict deep-copies every field it meets.
+        meta = asdict(replace(self, token_ids=[], loss_mask=[], behaviour_logprobs=[]))
         for key in ("token_ids", "loss_mask", "behaviour_logprobs"):
             meta.pop(key)
         return {

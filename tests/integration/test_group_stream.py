@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import numpy as np
+
 from actors.redis_client import async_client
 from learner.group_stream import GroupStream
 from learner.groups import ScoredGroup
@@ -75,3 +77,29 @@ def test_unacked_entries_survive_a_consumer_restart_and_acked_ones_are_gone(redi
     assert _run(first_consumer()) == ["a", "b"]
     pending, fresh, depth = _run(restarted_consumer())
     assert pending == ["b"] and fresh == ["c"] and depth == 2
+
+
+def test_packed_trajectories_publish_the_same_entries(redis_server):
+    """Rollout workers return packed trajectories (numpy arrays): the stream must carry exactly what
+    the list form carries, and the token counts must not wrap (a uint8 mask summed would, at 256)."""
+    n = 700
+    plain = Trajectory("q", 0, list(range(n)), [0] * 100 + [1] * (n - 100), [0.0] * 100 + [-0.5] * (n - 100), 100,
+                       reward=1.0, correct=True, answer="A")
+    packed = Trajectory.from_wire(plain.to_wire()).pack()
+    assert isinstance(packed.loss_mask, np.ndarray) and packed.generated_tokens == plain.generated_tokens == n - 100
+
+    async def go():
+        r = async_client(redis_server.url, redis_server.password)
+        stream = GroupStream(r, f"t-{uuid.uuid4().hex}")
+        await stream.ensure()
+        for t in (plain, packed):
+            await stream.publish(ScoredGroup("q", [t, t]))
+        got = await stream.read(10, block_ms=100)
+        await r.aclose()
+        return [g for _, g in got]
+
+    from_plain, from_packed = _run(go())
+    assert plain.to_wire() == packed.to_wire()
+    for a, b in zip(from_plain.members, from_packed.members):
+        assert a.token_ids == b.token_ids == plain.token_ids and a.loss_mask == b.loss_mask == plain.loss_mask
+        assert a.behaviour_logprobs == b.behaviour_logprobs == plain.behaviour_logprobs

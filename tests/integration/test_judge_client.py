@@ -1,4 +1,4 @@
-"""The LLM judge through the real `openai` client against a real OpenAI-protocol HTTP server.
+"""The LLM judge over real HTTP (aiohttp) against a real OpenAI-protocol HTTP server.
 
 The server (tests/servers/openai_server.py) judges by the rules, so every successful LLM
 judgement here must equal the rule path; faults are injected by a fixed plan so that each

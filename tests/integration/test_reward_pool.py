@@ -117,3 +117,69 @@ def test_an_episode_whose_judging_raises_fails_alone():
             assert t.reward == 0.0 and t.error == "RuntimeError: engine died"
         else:  # the siblings in the same chunk were judged as usual
             assert not t.error and t.correct == rule_judge(t.answer, questions[t.question_id].golds())
+
+
+def test_concurrent_group_calls_share_the_actors():
+    """The controller scores each group with its own call: together they must use every actor, and a
+    call that finds every actor full waits for room instead of failing."""
+    pool = RewardPool.create(RewardsConfig(stage=2, num_actors=4, chunk_size=4), redis_url=None, redis_password=None,
+                             namespace="spread")
+    dealt = [0] * 4
+    pool.actors = [_CountingHandle(a, dealt, i) for i, a in enumerate(pool.actors)]
+    groups = [_batch(8) for _ in range(8)]
+
+    async def run():
+        return await asyncio.gather(*(pool.score(trajs, questions) for trajs, questions in groups))
+
+    reports = asyncio.run(run())
+    pool.actors = [a.handle for a in pool.actors]
+    asyncio.run(pool.close())
+    assert [r.scores for r in reports] == [8] * 8 and all(r.duplicates == 0 for r in reports)
+    assert all(t.reward is not None for trajs, _ in groups for t in trajs)
+    # 8 groups x 2 chunks over every actor (a per-call count deals them [8, 8, 0, 0])
+    assert sum(dealt) == 16 and min(dealt) >= 2, dealt
+    assert pool.load == [0, 0, 0, 0]
+
+
+class _CountingHandle:
+    """An actor handle that counts the chunks the pool deals to it (what the pool decides, whatever the actor does)."""
+
+    def __init__(self, handle, dealt: list[int], index: int):
+        self.handle, self.dealt, self.index = handle, dealt, index
+
+    @property
+    def score(self):
+        outer = self
+
+        class _Method:
+            @staticmethod
+            def remote(items):
+                outer.dealt[outer.index] += 1
+                return outer.handle.score.remote(items)
+
+        return _Method
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_calls_wait_for_room_when_every_actor_is_full():
+    # One actor taking one chunk at a time: five concurrent calls queue behind each other.
+    cfg = RewardsConfig(stage=1, num_actors=1, chunk_size=4, max_in_flight_per_actor=4)
+    pool = RewardPool.create(cfg, redis_url=None, redis_password=None, namespace="room")
+    groups = [_batch(8) for _ in range(5)]
+
+    async def run():
+        return await asyncio.gather(*(pool.score(trajs, questions) for trajs, questions in groups))
+
+    reports = asyncio.run(run())
+    asyncio.run(pool.close())
+    assert [r.scores for r in reports] == [8] * 5
+    assert all(t.reward == pytest.approx(_expected1(t, q[t.question_id])) for trajs, q in groups for t in trajs)
+    assert pool.load == [0]
+
+
+def _expected1(t: Trajectory, q: Question) -> float:
+    from rewards.formulas import stage1_reward
+
+    return stage1_reward(t.format_ok, rule_judge(t.answer, q.golds()), RewardsConfig().spec().format_weight)

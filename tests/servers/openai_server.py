@@ -248,9 +248,12 @@ class OpenAITestServer:
         authorized = self._api_key is None or (bearer and header[len("Bearer ") :] == self._api_key)
         return bearer, authorized
 
-    def _record(self, request: web.Request, *, bearer: bool, authorized: bool, task: str | None, fault: str, status: int, body: Any) -> None:
+    def _record(self, request: web.Request, *, bearer: bool, authorized: bool, task: str | None, fault: str,
+                status: int, body: Any, at: float | None = None) -> None:
+        at = time.monotonic() if at is None else at
         with self._lock:
-            self._records.append(RecordedRequest(request.method, request.path, time.monotonic(), bearer, authorized, task, fault, status, body))
+            self._records.append(
+                RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body))
 
     def _next_fault(self) -> str:
         with self._lock:
@@ -282,16 +285,17 @@ class OpenAITestServer:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "rapo-tests"}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()  # the record's time: arrival, not the reply after the latency
         with self._lock:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
-            return await self._chat_in_flight(request)
+            return await self._chat_in_flight(request, arrived)
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    async def _chat_in_flight(self, request: web.Request) -> web.StreamResponse:
+    async def _chat_in_flight(self, request: web.Request, arrived: float) -> web.StreamResponse:
         bearer, authorized = self._auth(request)
         try:
             body = await request.json()
@@ -299,11 +303,13 @@ class OpenAITestServer:
             body = None
         task = _task_of(body)
         if not authorized:
-            self._record(request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body)
+            self._record(request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body,
+                         at=arrived)
             # The message never echoes the key that was sent.
             return self._error(401, "Incorrect API key provided.")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            self._record(request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body)
+            self._record(request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body,
+                         at=arrived)
             return self._error(400, "the body must be a JSON object with a 'messages' list")
         fault = self._next_fault()
         if self.latency_s > 0:
@@ -316,7 +322,8 @@ class OpenAITestServer:
                 pass
         if fault.startswith("http_"):
             status = int(fault[5:])
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body)
+            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body,
+                         at=arrived)
             headers = {"Retry-After": f"{self.retry_after_s:g}"} if self.retry_after_s is not None and status in (429, 503) else None
             return self._error(status, f"injected HTTP {status}", headers)
         if fault == DEEP_BODY:
@@ -326,14 +333,15 @@ class OpenAITestServer:
         try:
             content = self.responder(body)
         except (ValueError, KeyError, TypeError) as e:
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body)
+            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body,
+                         at=arrived)
             return self._error(400, f"the test server cannot answer this prompt: {e}")
         if fault == MALFORMED:
             with self._lock:
                 content = _malformed(task, self._rng)
         elif fault == WRONG_COUNT and task == LABELS_TASK:
             content = _wrong_count(content)
-        self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=200, body=body)
+        self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=200, body=body, at=arrived)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"] if isinstance(m, dict))
         completion_tokens = len(content.split())
         return web.json_response(

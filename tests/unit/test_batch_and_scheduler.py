@@ -89,3 +89,19 @@ def test_scheduler_resumes_from_its_state_and_skips_pruned():
         assert not {"q0", "q1"} & set(b.next_batch(4).ids)
     with pytest.raises(ValueError, match="active questions"):
         PromptScheduler(["a", "b"], 0, SchedulerState(pruned=["a"])).next_batch(2)
+
+
+def test_scheduler_draws_one_at_a_time_like_a_fresh_scheduler_after_prunes():
+    """The epoch order is remembered between draws; a prune (or a restored state) must still be
+    seen at once: every draw equals that of a scheduler rebuilt from the same state."""
+    import copy
+
+    ids = [f"q{i}" for i in range(40)]
+    kept = PromptScheduler(ids, seed=3)
+    for n in range(120):
+        if n in (10, 55, 90):
+            kept.prune({kept.next_batch(1).ids[0], f"q{n % 40}"})
+        fresh = PromptScheduler(ids, seed=3, state=copy.deepcopy(kept.state))
+        a, b = kept.next_batch(1), fresh.next_batch(1)
+        assert (a.ids, a.epochs, a.ended) == (b.ids, b.epochs, b.ended)
+        assert a.ids[0] not in kept.state.pruned
