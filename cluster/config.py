@@ -224,6 +224,16 @@ class LearnerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward on one rank")
+    packing: bool = Field(
+        True, description="a micro-batch's sequences in one row, attention kept per sequence (false: pad each row)"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="cut micro-batches by this token budget, ranks balanced by tokens "
+        "(replaces micro_batch_size; null: micro_batch_size sequences)",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="transformers attention of the learner; auto: flash_attention_2 on GPU if installed, else sdpa"
+    )
     mini_batches: int = Field(1, ge=1, description="optimizer steps per batch (PPO mini-batches)")
     logprob_chunk_size: int = Field(512, ge=16, description="tokens per LM-head chunk (bounds logits memory)")
     gradient_checkpointing: bool = True
@@ -363,7 +373,7 @@ class RunConfig(Section):
                 f"must split evenly into learner.mini_batches ({self.learner.mini_batches}) x learner.num_ranks "
                 f"({self.learner.num_ranks})"
             )
-        if per_rank % self.learner.micro_batch_size:
+        if self.learner.max_tokens_per_micro_batch is None and per_rank % self.learner.micro_batch_size:
             raise ValueError(
                 f"each learner rank trains {per_rank} sequences per mini-batch, which learner.micro_batch_size = "
                 f"{self.learner.micro_batch_size} must divide"
@@ -385,7 +395,7 @@ class RunConfig(Section):
     def micro_batches_per_rank(self) -> int:
         """Micro-batches one rank accumulates per optimizer step."""
         per_rank = self.train_batch_size // (self.learner.num_ranks * self.learner.mini_batches)
-        return per_rank // self.learner.micro_batch_size
+        return max(1, per_rank // self.learner.micro_batch_size)
 
 
 def _format_errors(err: ValidationError) -> str:

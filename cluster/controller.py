@@ -513,8 +513,10 @@ class Controller:
             groups, std=cfg.learner.adv_std, eps=cfg.learner.adv_eps, scale=self.use_scaling,
             version=self.state.version, replay_on_policy=cfg.learner.replay_on_policy,
         )
-        plans = plan_step(samples, cfg.learner.num_ranks, cfg.learner.mini_batches,
-                          seed=cfg.pipeline.seed * 100003 + step)
+        plans = plan_step(
+            samples, cfg.learner.num_ranks, cfg.learner.mini_batches, seed=cfg.pipeline.seed * 100003 + step,
+            max_tokens=cfg.learner.max_tokens_per_micro_batch,
+        )
         sums = reduce_learner(await asyncio.wait_for(self.learner.train_step(plans), cfg.learner.timeout_s))
         for g in groups:
             if g.group_id:

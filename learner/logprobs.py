@@ -31,9 +31,14 @@ def selected_logprobs(
     select: torch.Tensor,
     chunk_size: int,
     temperature: float = 1.0,
+    packed_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logprob of ``targets`` and entropy at the ``select``ed positions, scattered back to [B, T]."""
-    rows = hidden[select]
+    """Logprob of ``targets`` and entropy at the ``select``ed positions, scattered back to [B, T].
+
+    ``hidden`` is [B, T, d] aligned with ``targets``, or with ``packed_index`` one packed row
+    [1, N, d] and ``packed_index`` [B, T] the row position that predicts each target.
+    """
+    rows = hidden[select] if packed_index is None else hidden[0, packed_index[select]]
     tgt = targets[select]
     lp_parts, ent_parts = [], []
     for i in range(0, rows.shape[0], chunk_size):
@@ -65,8 +70,28 @@ class PolicyLogprobs(nn.Module):
         self.chunk_size = chunk_size
         self.temperature = temperature
 
-    def forward(self, input_ids, attention_mask, targets, select):
+    def forward(self, input_ids, attention_mask, targets, select, position_ids=None, packed_index=None):
+        """Padded: ``attention_mask`` marks each row's tokens. Packed (``position_ids`` restarting at 0
+        per sample, no attention mask): transformers keeps attention inside each sample, by a
+        block-diagonal mask (sdpa, eager) or variable-length kernels (flash-attention)."""
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1]
-        return selected_logprobs(self.model.get_output_embeddings(), hidden, targets, select, self.chunk_size, self.temperature)
+        extra = varlen_kwargs(position_ids) if position_ids is not None and self._flash() else {}
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+        ).last_hidden_state
+        if packed_index is None:
+            hidden = hidden[:, :-1]
+        head = self.model.get_output_embeddings()
+        return selected_logprobs(head, hidden, targets, select, self.chunk_size, self.temperature, packed_index)
+
+    def _flash(self) -> bool:
+        return "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """cu_seq_lens / max_length of a packed row, given once instead of re-derived by every layer."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -9,6 +9,7 @@ of the whole batch's mean.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import time
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learner.batch import MiniBatch, RankPlan, collate
+from learner.batch import MiniBatch, RankPlan, TrainSample, collate
 from learner.logprobs import PolicyLogprobs
 from learner.loss import aggregate, importance_weights, k3_kl, masked_mean, ppo_token_loss
 
@@ -50,6 +51,17 @@ def ds_config(cfg: "LearnerConfig", per_rank_micro_batches: int, gpu: bool) -> d
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def attention_implementation(choice: str, gpu: bool) -> str:
+    """transformers' attention for the learner. auto: flash-attention 2 on a GPU where the package is
+    installed (packed rows run as variable-length attention), else sdpa (packed rows get a
+    block-diagonal causal mask, so CPU runs the same packed path)."""
+    if choice != "auto":
+        return choice
+    if gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def init_distributed(dist: DistSpec, gpu: bool) -> None:
@@ -89,7 +101,8 @@ class Trainer:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # Pad positions are masked out of every loss term, so any valid id will do.
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.attention = attention_implementation(cfg.attention, self.gpu)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=self.attention)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,7 +119,7 @@ class Trainer:
 
         import deepspeed
 
-        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=self.attention)
         ref_model.config.use_cache = False
         ref = PolicyLogprobs(ref_model, self.cfg.logprob_chunk_size, temperature).eval()
         for p in ref.parameters():
@@ -127,14 +140,17 @@ class Trainer:
         return nullcontext()
 
     def _forward(self, module, batch):
-        args = (
-            batch.input_ids.to(self.device),
-            batch.attention_mask.to(self.device),
-            batch.targets.to(self.device),
-            batch.target_mask.to(self.device),
-        )
         with self._autocast():
-            return module(*args)
+            return module(**batch.model_inputs(self.device))
+
+    def _micro_batches(self, mb: MiniBatch) -> list[list[TrainSample]]:
+        """This rank's micro-batches; an empty one (token-budget plans) becomes a sample with no loss
+        tokens, whose forward and backward only join the other ranks' collectives."""
+        idle = TrainSample([self.pad_id, self.pad_id], [0, 0], None, 0.0)
+        return [samples or [idle] for samples in mb.micro(self.cfg.micro_batch_size)]
+
+    def _collate(self, samples: list[TrainSample]):
+        return collate(samples, self.pad_id, packed=self.cfg.packing)
 
     def train_step(self, plan: RankPlan) -> dict[str, float]:
         """Train this rank's share of one step; returns sums that the controller adds up over ranks."""
@@ -150,9 +166,12 @@ class Trainer:
         # are the detached forward values, no extra pass needed.
         old = self._proximal_logprobs(plan) if len(plan.mini_batches) > 1 else None
         for m, mb in enumerate(plan.mini_batches):
-            micro = [mb.samples[i : i + cfg.micro_batch_size] for i in range(0, len(mb.samples), cfg.micro_batch_size)]
+            micro = self._micro_batches(mb)
             for k, samples in enumerate(micro):
-                batch = collate(samples, self.pad_id)
+                # The plan, not DeepSpeed's fixed accumulation count, says where the mini-batch ends:
+                # token-budget plans have a different number of micro-batches every step.
+                self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+                batch = self._collate(samples)
                 mask = batch.target_mask.to(self.device)
                 logp, entropy = self._forward(self.engine, batch)
                 prox = old[(m, k)] if old is not None else logp.detach()
@@ -196,9 +215,8 @@ class Trainer:
         self.engine.eval()
         out = {}
         for m, mb in enumerate(plan.mini_batches):
-            for k, i in enumerate(range(0, len(mb.samples), self.cfg.micro_batch_size)):
-                batch = collate(mb.samples[i : i + self.cfg.micro_batch_size], self.pad_id)
-                out[(m, k)], _ = self._forward(self.engine, batch)
+            for k, samples in enumerate(self._micro_batches(mb)):
+                out[(m, k)], _ = self._forward(self.engine, self._collate(samples))
         self.engine.train()
         return out
 
@@ -207,17 +225,13 @@ class Trainer:
         """Current-policy logprob of every token after the first (0 where the loss mask is 0)."""
         self.engine.eval()
         out: list[list[float]] = []
-        for i in range(0, len(mini_batch.samples), self.cfg.micro_batch_size):
-            samples = mini_batch.samples[i : i + self.cfg.micro_batch_size]
-            batch = collate(samples, self.pad_id)
-            logp, _ = self._forward_exact(batch)
+        size = self.cfg.micro_batch_size
+        for samples in (mini_batch.samples[i : i + size] for i in range(0, len(mini_batch.samples), size)):
+            # No autocast: these are compared with the engine's logprobs at full precision.
+            logp, _ = self.engine(**self._collate(samples).model_inputs(self.device))
             for row, s in zip(logp, samples):
                 out.append(row[: len(s.token_ids) - 1].tolist())
         return out
-
-    def _forward_exact(self, batch):
-        args = (batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.targets.to(self.device), batch.target_mask.to(self.device))
-        return self.engine(*args)
 
     def export_weights(self, path: Path, dtype: str) -> int:
         """Write the full policy as safetensors (rank 0); a collective under ZeRO-3, so every rank calls it."""
