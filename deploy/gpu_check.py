@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """GPU check of the learner: DeepSpeed ZeRO training steps through rapo-cluster's own Trainer.
 
-Builds a RANDOM-INIT model with Qwen3-0.6B's architecture (no hub, no internet: the config is
-written below, the weights are random, the tokenizer is a minimal local one), saves it to a temp
-folder because learner.trainer.Trainer loads from a folder, then runs a few RAPO training steps
-(bf16, NCCL, ZeRO stage 3 by default) on batches of random token ids with a realistic loss mask
-(prompt and tool responses masked out, assistant turns trained), and prints:
+Builds a RANDOM-INIT model with Qwen3-0.6B's (or --shape qwen3-4b: Qwen3-4B's) architecture (no
+hub, no internet: the config is written below, the weights are random, the tokenizer is a minimal
+local one), saves it to a temp folder because learner.trainer.Trainer loads from a folder, then
+runs a few RAPO training steps (bf16, NCCL, ZeRO stage 3 by default) on batches of random token
+ids with a realistic loss mask (prompt and tool responses masked out, assistant turns trained),
+packed micro-batches by default (learner.packing; --no-packing pads each row), and prints:
 
   tokens/s, step time, peak GPU memory, and model FLOPs utilisation (MFU).
 
@@ -13,7 +14,7 @@ MFU counts the FLOPs the step needs, forward + backward, over all ranks, divided
 the GPUs' peak dense bf16 FLOP/s:
 
   step FLOPs = 6 * N * T                     decoder weights (N = non-embedding parameters,
-                                             T = all tokens of the batch, padding included)
+                                             T = the samples' tokens; padding is not model work)
              + 12 * L * H * Q * sum_i S_i^2  attention scores and values, PaLM's convention
                                              (L layers, H query heads, Q head dim, S_i the length
                                              of sequence i; causal masking is not discounted)
@@ -32,6 +33,14 @@ Usage (deploy/gpu_check.sh wraps this and prints versions first):
   python deploy/gpu_check.py                         # one GPU, Qwen3-0.6B shape, 8 x 2048 tokens
   torchrun --standalone --nproc_per_node 4 deploy/gpu_check.py   # several GPUs (one per rank)
   python deploy/gpu_check.py --cpu                   # plumbing check on CPU: tiny model, gloo
+  python deploy/gpu_check.py --matrix                # 0.6B and 4B x ZeRO-2/3 x checkpointing on/off:
+                                                     # one process per case, then a Markdown MFU table
+  python deploy/gpu_check.py --cpu --matrix          # the same cases on the tiny model (a dry run)
+
+--lengths longtail draws long-tailed sequence lengths (up to --seq-len), where packing and
+--max-tokens (token-budget micro-batches) matter; the attention kernel in use is printed
+(learner.attention auto: flash_attention_2 where the flash-attn package is installed, else sdpa,
+which packs with a block-diagonal mask).
 """
 
 from __future__ import annotations
@@ -56,6 +65,12 @@ QWEN3_0_6B = dict(
     intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
     max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
 )
+# Qwen3-4B (Qwen/Qwen3-4B config.json).
+QWEN3_4B = dict(
+    hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
+)
 # --cpu: the same family, small enough for a plumbing check in seconds.
 TINY = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -78,6 +93,8 @@ PEAK_BF16_DENSE = [
     ("A10G", 70e12),
 ]
 
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-4b": QWEN3_4B, "tiny": TINY}
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
@@ -96,6 +113,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; --cpu 256)")
     p.add_argument("--micro-batch", type=int, default=None, help="learner.micro_batch_size (default 4; --cpu 2)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=3)
+    p.add_argument("--shape", choices=["qwen3-0.6b", "qwen3-4b"], default="qwen3-0.6b",
+                   help="model architecture (random init); --cpu always uses a tiny one")
+    p.add_argument("--no-packing", action="store_true", help="learner.packing=false: pad each sequence to its row")
+    p.add_argument("--attention", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
+                   help="learner.attention")
+    p.add_argument("--lengths", choices=["fixed", "longtail"], default="fixed",
+                   help="fixed: every sequence --seq-len tokens; longtail: long-tailed lengths up to --seq-len")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="learner.max_tokens_per_micro_batch: token-budget micro-batches instead of --micro-batch")
+    p.add_argument("--matrix", action="store_true",
+                   help="run every --shapes x ZeRO-2/3 x activation checkpointing on/off case in its own process "
+                        "and print a Markdown table of MFU (other options apply to every case)")
+    p.add_argument("--shapes", default="qwen3-0.6b,qwen3-4b", help="--matrix: comma-separated shapes")
+    p.add_argument("--nproc", type=int, default=1, help="--matrix: GPUs per case (torchrun)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; --cpu 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --cpu 1)")
     p.add_argument("--chunk", type=int, default=1024, help="learner.logprob_chunk_size")
@@ -121,6 +152,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if set(args.shapes) - {"qwen3-0.6b", "qwen3-4b"}:
+        p.error(f"--shapes: unknown {sorted(set(args.shapes) - {'qwen3-0.6b', 'qwen3-4b'})}; allowed: qwen3-0.6b, qwen3-4b")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        p.error("--max-tokens must be at least 1")
     return args
 
 
@@ -220,7 +256,14 @@ def episode_mask(seq_len: int, rng) -> list[int]:
     return mask
 
 
-def make_samples(n: int, seq_len: int, vocab: int, seed: int):
+def sample_length(seq_len: int, lengths: str, rng) -> int:
+    """fixed: seq_len. longtail: most episodes short, a few at the cap, as multi-turn agent episodes are."""
+    if lengths == "fixed":
+        return seq_len
+    return int(min(seq_len, max(16, seq_len / 6 * math.exp(rng.normal(0, 0.9)))))
+
+
+def make_samples(n: int, seq_len: int, vocab: int, seed: int, lengths: str = "fixed"):
     import numpy as np
 
     from learner.batch import TrainSample
@@ -229,9 +272,11 @@ def make_samples(n: int, seq_len: int, vocab: int, seed: int):
     uniform = -math.log(vocab)  # a random-init policy is close to uniform
     samples = []
     for i in range(n):
-        ids = rng.integers(3, vocab, size=seq_len).tolist()
-        mask = episode_mask(seq_len, rng)
-        behaviour = (uniform + rng.normal(0, 0.05, size=seq_len)).tolist()
+        length = sample_length(seq_len, lengths, rng)
+        ids = rng.integers(3, vocab, size=length).tolist()
+        mask = episode_mask(seq_len, rng)[:length]
+        mask[-1] = 1
+        behaviour = (uniform + rng.normal(0, 0.05, size=length)).tolist()
         samples.append(TrainSample(token_ids=ids, loss_mask=mask, behaviour_logprobs=behaviour,
                                    advantage=float(rng.normal()), question_id=f"q{i // 4}"))
     return samples
@@ -251,8 +296,79 @@ def step_flops(samples, arch: dict, n_non_embedding: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def case_argv(args: argparse.Namespace) -> list[str]:
+    """The options every --matrix case shares, as gpu_check.py arguments."""
+    out = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk), "--seed", str(args.seed),
+           "--attention", args.attention, "--lengths", args.lengths]
+    flags = {"--cpu": args.cpu, "--kl": args.kl, "--torch-adam": args.torch_adam, "--no-packing": args.no_packing}
+    out += [flag for flag, on in flags.items() if on]
+    if args.max_tokens:
+        out += ["--max-tokens", str(args.max_tokens)]
+    if args.peak_tflops:
+        out += ["--peak-tflops", str(args.peak_tflops)]
+    return out
+
+
+def mfu_table(results: list[dict]) -> str:
+    """Markdown, ready for the README."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f} %"  # noqa: E731
+    lines = ["| shape | ZeRO | act. ckpt | layout | attention | tokens/s per GPU | step s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+                         f"| | | {r['error']} | | | |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+            f"| {'packed' if r['packing'] else 'padded'} | {r['attention']} | {r['tokens_per_s_per_gpu']:,.0f} "
+            f"| {r['step_s_median']:.3f} | {pct(r['mfu'])} | {r['peak_mem_allocated_gib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    """Every case in its own process (DeepSpeed and the process group are set up once per process)."""
+    import subprocess
+
+    shapes = ["tiny"] if args.cpu else args.shapes
+    results, failed = [], 0
+    with tempfile.TemporaryDirectory(prefix="rapo-gpu-check-matrix-") as tmp:
+        for shape in shapes:
+            for stage in (2, 3):
+                for ckpt in (True, False):
+                    out = Path(tmp) / f"{shape}-z{stage}-{int(ckpt)}.json"
+                    cmd = [*case_argv(args), "--zero-stage", str(stage), "--json", str(out),
+                           "--model-dir", str(Path(tmp) / f"model-{shape}")]
+                    cmd += [] if args.cpu else ["--shape", shape]
+                    cmd += [] if ckpt else ["--no-grad-ckpt"]
+                    if args.nproc > 1:
+                        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", str(args.nproc), __file__, *cmd]
+                    else:
+                        cmd = [sys.executable, __file__, *cmd]
+                    print(f"== {shape}, ZeRO-{stage}, activation checkpointing {'on' if ckpt else 'off'}", flush=True)
+                    proc = subprocess.run(cmd)
+                    if proc.returncode == 0 and out.exists():
+                        results.append(json.loads(out.read_text()))
+                    else:
+                        failed += 1
+                        results.append({"shape": shape, "zero_stage": stage, "gradient_checkpointing": ckpt,
+                                        "error": f"failed (exit {proc.returncode}; out of memory?)"})
+    table = mfu_table(results)
+    print()
+    print(table)
+    print("GPU_CHECK_MATRIX " + json.dumps(results), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"cases": results, "table": table}, indent=2))
+    return 1 if failed == len(results) else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.matrix:
+        return run_matrix(args)
     rank, world, local_rank, master_addr, master_port = dist_env()
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -267,14 +383,14 @@ def main(argv=None) -> int:
 
     from cluster.config import LearnerConfig
     from learner import trainer as trainer_mod
-    from learner.batch import MiniBatch, RankPlan
+    from learner.batch import padding_fraction, plan_step
     from learner.trainer import DistSpec, Trainer
 
     gpu = torch.cuda.is_available()
     if not args.cpu and not gpu:
         print("error: no CUDA device visible (use --cpu for a plumbing check)", file=sys.stderr)
         return 2
-    arch = TINY if args.cpu else QWEN3_0_6B
+    arch = TINY if args.cpu else SHAPES[args.shape]
     if args.seq_len > arch["max_position_embeddings"]:
         print(f"error: --seq-len {args.seq_len} exceeds the model's {arch['max_position_embeddings']} positions", file=sys.stderr)
         return 2
@@ -320,7 +436,8 @@ def main(argv=None) -> int:
         num_ranks=world, zero_stage=args.zero_stage, dtype="float32" if args.cpu else "bfloat16",
         micro_batch_size=args.micro_batch, mini_batches=1, lr=1e-6, betas=(0.9, 0.95),
         kl_coef=0.001 if args.kl else 0.0, gradient_checkpointing=not args.no_grad_ckpt,
-        logprob_chunk_size=args.chunk,
+        logprob_chunk_size=args.chunk, packing=not args.no_packing, attention=args.attention,
+        max_tokens_per_micro_batch=args.max_tokens,
     )
     dist = DistSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port)
     t0 = time.perf_counter()
@@ -328,13 +445,15 @@ def main(argv=None) -> int:
     setup_s = time.perf_counter() - t0
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     device_name = torch.cuda.get_device_name(0) if trainer.gpu else "cpu"
-    log(rank, f"trainer: {backend} x {world}, ZeRO-{lc.zero_stage}, {lc.dtype}, device {device_name}, ready in {setup_s:.1f} s")
+    layout = "padded" if args.no_packing else "packed"
+    log(rank, f"trainer: {backend} x {world}, ZeRO-{lc.zero_stage}, {lc.dtype}, device {device_name}, "
+              f"{layout} micro-batches, attention {trainer.attention}, ready in {setup_s:.1f} s")
 
-    # Every rank draws the whole global batch from one seed and keeps its share: exact global counts.
-    everything = make_samples(args.batch * world, args.seq_len, arch["vocab_size"], args.seed)
-    mine = everything[rank * args.batch : (rank + 1) * args.batch]
-    global_tokens = sum(s.loss_tokens for s in everything)
-    plan = RankPlan(mini_batches=[MiniBatch(mine, global_tokens, len(everything))])
+    # Every rank draws the whole global batch from one seed and plans the same step: exact global counts.
+    everything = make_samples(args.batch * world, args.seq_len, arch["vocab_size"], args.seed, args.lengths)
+    plan = plan_step(everything, world, 1, seed=args.seed, max_tokens=args.max_tokens)[rank]
+    micro = plan.mini_batches[0].micro(args.micro_batch)
+    pad_fraction = padding_fraction(micro, packed=not args.no_packing)
     flops = step_flops(everything, arch, meta["params_non_embedding"])
 
     def sync():
@@ -402,7 +521,9 @@ def main(argv=None) -> int:
         "device": device_name, "world_size": world, "backend": backend, "zero_stage": lc.zero_stage, "dtype": lc.dtype,
         "model": meta["family"], "params_total": meta["params_total"], "params_non_embedding": meta["params_non_embedding"],
         "batch_per_rank": args.batch, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": lc.gradient_checkpointing, "kl": bool(args.kl),
+        "gradient_checkpointing": lc.gradient_checkpointing, "kl": bool(args.kl), "shape": "tiny" if args.cpu else args.shape,
+        "packing": lc.packing, "attention": trainer.attention, "lengths": args.lengths, "max_tokens": args.max_tokens,
+        "micro_batches_per_rank": len(micro), "pad_fraction": pad_fraction,
         "optimizer": "torch AdamW" if (args.torch_adam or not trainer.gpu) else "DeepSpeed FusedAdam",
         "tokens_per_step": flops["tokens"], "loss_tokens_per_step": flops["loss_tokens"],
         "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times),
@@ -417,8 +538,11 @@ def main(argv=None) -> int:
         pct = lambda x: why if x is None else f"{100 * x:.1f} %"  # noqa: E731
         print()
         print(f"  device              {device_name} x {world} ({backend}, ZeRO-{lc.zero_stage}, {lc.dtype}, {result['optimizer']})")
-        print(f"  batch               {world} x {args.batch} x {args.seq_len} tokens = {flops['tokens']} tokens/step "
-              f"({flops['loss_tokens']} in the loss mask), micro-batch {args.micro_batch}")
+        cut = f"{args.max_tokens}-token micro-batches" if args.max_tokens else f"micro-batch {args.micro_batch}"
+        print(f"  batch               {world} x {args.batch} sequences ({args.lengths} lengths <= {args.seq_len}) = "
+              f"{flops['tokens']} tokens/step ({flops['loss_tokens']} in the loss mask), {cut}")
+        print(f"  layout              {layout}, attention {trainer.attention}, {len(micro)} micro-batches on rank 0, "
+              f"padding {100 * pad_fraction:.1f} % of the positions run")
         print(f"  step time           {step_s:.3f} s median over {len(times)} (min {min(times):.3f}, max {max(times):.3f})")
         print(f"  tokens/s            {result['tokens_per_s']:,.0f} ({result['tokens_per_s_per_gpu']:,.0f} per GPU)")
         if trainer.gpu:

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the learner: a few DeepSpeed ZeRO steps (bf16, NCCL) of a random-init model with
-# Qwen3-0.6B's shape through learner.trainer.Trainer; prints tokens/s, step time, peak GPU memory
-# and MFU (formula in deploy/gpu_check.py). Needs no internet and no model download.
+# Qwen3-0.6B's (or Qwen3-4B's) shape through learner.trainer.Trainer, packed micro-batches by
+# default; prints tokens/s, step time, peak GPU memory and MFU (formula in deploy/gpu_check.py).
+# Needs no internet and no model download.
 #
-#   deploy/gpu_check.sh                      # one GPU, 8 x 2048 tokens per step, ZeRO-3
+#   deploy/gpu_check.sh                      # one GPU, 8 x 2048 tokens per step, ZeRO-3, packed
 #   deploy/gpu_check.sh --nproc 4            # 4 GPUs of this machine (torchrun, one rank per GPU)
 #   deploy/gpu_check.sh --zero-stage 2 --batch 16 --micro-batch 8 --peak-tflops 989
+#   deploy/gpu_check.sh --shape qwen3-4b --no-packing          # the 4B shape, one padded row per sequence
+#   deploy/gpu_check.sh --lengths longtail --max-tokens 16384  # long-tailed lengths, token-budget micro-batches
+#   deploy/gpu_check.sh --matrix             # 0.6B and 4B x ZeRO-2/3 x activation checkpointing on/off: MFU table
 #   deploy/gpu_check.sh --cpu                # plumbing check without a GPU (tiny model, gloo)
+#   deploy/gpu_check.sh --cpu --matrix       # dry run of the matrix on the tiny model
 #
 # Then (unless --no-weight-sync) the learner's side of a weight push for the Qwen3-0.6B and 4B
 # shapes: bucketed gather + cast + pack, and with 2+ GPUs the NCCL broadcast to a plain-torch
@@ -25,11 +30,13 @@ fi
 cpu=0
 nproc=1
 weight_sync=1
+matrix=0
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu) cpu=1; args+=("$1"); shift ;;
         --no-weight-sync) weight_sync=0; shift ;;
+        --matrix) matrix=1; args+=("$1"); shift ;;
         --nproc) nproc="${2:?--nproc needs a number}"; shift 2 ;;
         --nproc=*) nproc="${1#--nproc=}"; shift ;;
         *) args+=("$1"); shift ;;
@@ -69,7 +76,10 @@ print(f"deepspeed    {deepspeed.__version__}")
 PY
 
 echo "== learner steps"
-if [[ $nproc -gt 1 ]]; then
+if [[ $matrix -eq 1 ]]; then
+    # One process per case; gpu_check.py starts torchrun itself for --nproc > 1.
+    "$PYTHON" "$here/gpu_check.py" --nproc "$nproc" ${args[@]+"${args[@]}"}
+elif [[ $nproc -gt 1 ]]; then
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$here/gpu_check.py" \
         ${args[@]+"${args[@]}"}
 else

@@ -113,6 +113,8 @@ class Trainer:
             config=ds_config(cfg, per_rank_micro_batches, self.gpu),
         )
         self.ref = self._load_reference(model_dir, temperature) if cfg.kl_coef > 0 else None
+        # One loss position, so that its backward reaches every parameter (ZeRO's gradient hooks).
+        self._idle = TrainSample([self.pad_id, self.pad_id], [0, 1], None, 0.0)
 
     def _load_reference(self, model_dir: Path, temperature: float):
         from transformers import AutoModelForCausalLM
@@ -144,10 +146,9 @@ class Trainer:
             return module(**batch.model_inputs(self.device))
 
     def _micro_batches(self, mb: MiniBatch) -> list[list[TrainSample]]:
-        """This rank's micro-batches; an empty one (token-budget plans) becomes a sample with no loss
-        tokens, whose forward and backward only join the other ranks' collectives."""
-        idle = TrainSample([self.pad_id, self.pad_id], [0, 0], None, 0.0)
-        return [samples or [idle] for samples in mb.micro(self.cfg.micro_batch_size)]
+        """This rank's micro-batches; an empty one (token-budget plans) becomes one idle two-token sample
+        whose forward and backward (its loss times 0) only join the other ranks' collectives."""
+        return [samples or [self._idle] for samples in mb.micro(self.cfg.micro_batch_size)]
 
     def _collate(self, samples: list[TrainSample]):
         return collate(samples, self.pad_id, packed=self.cfg.packing)
@@ -190,9 +191,14 @@ class Trainer:
                     per_token = per_token - cfg.entropy_coef * entropy
                 normalizer = mb.global_tokens if cfg.loss_agg == "token-mean" else mb.global_seqs
                 loss = aggregate(per_token, mask, cfg.loss_agg, max(normalizer, 1))
+                idle = samples[0] is self._idle
+                if idle:
+                    loss = loss * 0.0
                 # DeepSpeed averages gradients over ranks; multiplying by W keeps the global-sum semantics.
                 self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
                 self.engine.step()
+                if idle:
+                    continue
                 n = float(mask.sum())
                 sums["loss"] += float(loss.detach())
                 sums["pg_loss"] += float(masked_mean(terms.loss.detach(), mask)) * n

@@ -554,6 +554,28 @@ def test_gpu_check_model_is_qwen3_0_6b(gpu_check):
         1024, 28, 16, 8, 128, 3072, 151936, True, 1e6)
 
 
+def test_gpu_check_qwen3_4b_shape_and_matrix_table(gpu_check):
+    a = gpu_check.QWEN3_4B
+    assert (a["hidden_size"], a["num_hidden_layers"], a["num_attention_heads"], a["num_key_value_heads"],
+            a["intermediate_size"], a["vocab_size"]) == (2560, 36, 32, 8, 9728, 151936)
+    ok = {"shape": "qwen3-4b", "zero_stage": 3, "gradient_checkpointing": True, "packing": True, "attention": "sdpa",
+          "tokens_per_s_per_gpu": 12345.6, "step_s_median": 1.5, "mfu": 0.321, "peak_mem_allocated_gib": 40.04}
+    bad = {"shape": "qwen3-4b", "zero_stage": 2, "gradient_checkpointing": False, "error": "failed (exit 1)"}
+    rows = gpu_check.mfu_table([ok, bad]).splitlines()
+    assert rows[2] == "| qwen3-4b | 3 | on | packed | sdpa | 12,346 | 1.500 | 32.1 % | 40.0 |"
+    assert "failed (exit 1)" in rows[3] and len(rows) == 4
+
+
+def test_gpu_check_long_tailed_lengths(gpu_check):
+    samples = gpu_check.make_samples(64, 2048, 1000, seed=1, lengths="longtail")
+    lengths = [len(s.token_ids) for s in samples]
+    assert all(16 <= n <= 2048 for n in lengths)
+    assert max(lengths) > 3 * sorted(lengths)[32]  # most are short, a few long: what packing saves on
+    for s in samples:
+        assert len(s.loss_mask) == len(s.behaviour_logprobs) == len(s.token_ids) and s.loss_mask[-1] == 1
+    assert all(len(s.token_ids) == 256 for s in gpu_check.make_samples(4, 256, 1000, seed=1))
+
+
 def test_gpu_check_loss_mask_and_flops(gpu_check):
     import numpy as np
 
@@ -581,14 +603,17 @@ def test_gpu_check_wrapper_is_strict():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_cpu_plumbing(tmp_path):
-    """The whole check on CPU: random tiny Qwen3, Trainer, ZeRO-3 over gloo, two timed steps."""
+    """The whole check on CPU: random tiny Qwen3, Trainer, ZeRO-3 over gloo, two timed steps, packed
+    token-budget micro-batches of long-tailed sequences (the path the GPU run measures)."""
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(DEPLOY / "gpu_check.sh"), "--cpu", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=540)
+    cmd = ["bash", str(DEPLOY / "gpu_check.sh"), "--cpu", "--lengths", "longtail", "--max-tokens", "300", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["backend"] == "gloo" and result["zero_stage"] == 3
+    assert result["packing"] and result["attention"] == "sdpa" and result["pad_fraction"] == 0.0
+    assert result["micro_batches_per_rank"] >= 2 and result["max_tokens"] == 300
     assert result["tokens_per_s"] > 0 and result["step_s_median"] > 0
     assert "GPU_CHECK_RESULT" in proc.stdout
