@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=30, help="decoder layers of the SmolLM2 shape (30 = the real one)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (the demo: 4 questions x 4 samples)")
-    p.add_argument("--micro-batch", type=int, default=2, help="learner.micro_batch_size of the fixed settings (demo: 2)")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="learner.micro_batch_size of the fixed settings (demo: 2)")
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="learner.max_tokens_per_micro_batch of the budget settings (default: 2 x 2048, the most "
                         "a padded demo micro-batch can hold)")
@@ -241,7 +242,8 @@ def main(argv=None) -> int:
             print(f"{mix:<9} {name:<14} {step:8.2f} {rate:13.0f} {pad:6.1%} {rate / ref:15.2f}x")
         summary[mix] = rows
     for mix, rows in summary.items():
-        print(f"{mix}: step time {rows['padded+fixed'][0]:.2f} s before (padded, {args.micro_batch} per micro-batch) -> "
+        print(f"{mix}: step time {rows['padded+fixed'][0]:.2f} s before (padded, {args.micro_batch} per micro-batch)"
+              " -> "
               f"{rows['packed+fixed'][0]:.2f} s packed, {rows['packed+budget'][0]:.2f} s packed with a "
               f"{args.max_tokens}-token budget")
     last = summary.get("longtail") or next(iter(summary.values()))

@@ -232,7 +232,8 @@ class LearnerConfig(Section):
         "(replaces micro_batch_size; null: micro_batch_size sequences)",
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="transformers attention of the learner; auto: flash_attention_2 on GPU if installed, else sdpa"
+        "auto",
+        description="transformers attention of the learner; auto: flash_attention_2 on GPU if installed, else sdpa",
     )
     mini_batches: int = Field(1, ge=1, description="optimizer steps per batch (PPO mini-batches)")
     logprob_chunk_size: int = Field(512, ge=16, description="tokens per LM-head chunk (bounds logits memory)")

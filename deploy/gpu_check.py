@@ -154,7 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be at least 1")
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if set(args.shapes) - {"qwen3-0.6b", "qwen3-4b"}:
-        p.error(f"--shapes: unknown {sorted(set(args.shapes) - {'qwen3-0.6b', 'qwen3-4b'})}; allowed: qwen3-0.6b, qwen3-4b")
+        unknown = sorted(set(args.shapes) - {"qwen3-0.6b", "qwen3-4b"})
+        p.error(f"--shapes: unknown {unknown}; allowed: qwen3-0.6b, qwen3-4b")
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
     return args
@@ -299,8 +300,8 @@ def step_flops(samples, arch: dict, n_non_embedding: int) -> dict[str, float]:
 def case_argv(args: argparse.Namespace) -> list[str]:
     """The options every --matrix case shares, as gpu_check.py arguments."""
     out = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk), "--seed", str(args.seed),
-           "--attention", args.attention, "--lengths", args.lengths]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk),
+           "--seed", str(args.seed), "--attention", args.attention, "--lengths", args.lengths]
     flags = {"--cpu": args.cpu, "--kl": args.kl, "--torch-adam": args.torch_adam, "--no-packing": args.no_packing}
     out += [flag for flag, on in flags.items() if on]
     if args.max_tokens:
@@ -521,7 +522,8 @@ def main(argv=None) -> int:
         "device": device_name, "world_size": world, "backend": backend, "zero_stage": lc.zero_stage, "dtype": lc.dtype,
         "model": meta["family"], "params_total": meta["params_total"], "params_non_embedding": meta["params_non_embedding"],
         "batch_per_rank": args.batch, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": lc.gradient_checkpointing, "kl": bool(args.kl), "shape": "tiny" if args.cpu else args.shape,
+        "gradient_checkpointing": lc.gradient_checkpointing, "kl": bool(args.kl),
+        "shape": "tiny" if args.cpu else args.shape,
         "packing": lc.packing, "attention": trainer.attention, "lengths": args.lengths, "max_tokens": args.max_tokens,
         "micro_batches_per_rank": len(micro), "pad_fraction": pad_fraction,
         "optimizer": "torch AdamW" if (args.torch_adam or not trainer.gpu) else "DeepSpeed FusedAdam",

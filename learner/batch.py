@@ -99,10 +99,12 @@ def token_budget_micro_batches(shards: list[list[TrainSample]], max_tokens: int)
 
     Under ZeRO every micro-batch is a collective (gradient reduction, parameter gathers), so a rank
     that needs fewer micro-batches than another gets empty ones. k starts at the least any rank
-    needs (its over-budget sequences, plus ceil(other tokens / max_tokens)), and grows until a longest-first deal into k micro-batches keeps
-    every micro-batch within the budget (a single sequence over the budget is let through alone),
-    as verl's dynamic batch size does with its balanced partitions.
+    needs (its over-budget sequences, plus ceil(other tokens / max_tokens)), and grows until a
+    longest-first deal into k micro-batches keeps every micro-batch within the budget (a single
+    sequence over the budget is let through alone), as verl's dynamic batch size does with its
+    balanced partitions.
     """
+
     def least(shard: list[TrainSample]) -> int:
         over = [len(s.token_ids) for s in shard if len(s.token_ids) > max_tokens]
         rest = sum(len(s.token_ids) for s in shard) - sum(over)

@@ -121,7 +121,9 @@ class Trainer:
 
         import deepspeed
 
-        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=self.attention)
+        ref_model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=self.attention
+        )
         ref_model.config.use_cache = False
         ref = PolicyLogprobs(ref_model, self.cfg.logprob_chunk_size, temperature).eval()
         for p in ref.parameters():

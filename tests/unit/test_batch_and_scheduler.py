@@ -49,7 +49,8 @@ def _per_token_values(s: TrainSample) -> list[float]:
 )
 def test_token_budget_plan_keeps_the_global_mean(lengths, world, minis, budget, seed):
     n = world * minis * len(lengths)
-    samples = [_sample(lengths[i % len(lengths)], 1 + i % min(3, lengths[i % len(lengths)] - 1), str(i)) for i in range(n)]
+    lens = [lengths[i % len(lengths)] for i in range(n)]
+    samples = [_sample(lens[i], 1 + i % min(3, lens[i] - 1), str(i)) for i in range(n)]
     plans = plan_step(samples, world, minis, seed, max_tokens=budget)
     dealt = [s.question_id for p in plans for mb in p.mini_batches for micro in mb.micro_batches for s in micro]
     assert Counter(dealt) == Counter(s.question_id for s in samples)

@@ -608,7 +608,8 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHON"] = sys.executable
-    cmd = ["bash", str(DEPLOY / "gpu_check.sh"), "--cpu", "--lengths", "longtail", "--max-tokens", "300", "--json", str(out)]
+    cmd = ["bash", str(DEPLOY / "gpu_check.sh"), "--cpu", "--lengths", "longtail", "--max-tokens", "300",
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
