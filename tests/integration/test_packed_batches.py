@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from learner.batch import TrainSample, collate
-from learner.logprobs import PolicyLogprobs
+from learner.logprobs import PolicyLogprobs, varlen_kwargs
 from learner.loss import aggregate, ppo_token_loss
 
 
@@ -99,3 +99,10 @@ def test_packed_layout():
     assert batch.targets.tolist() == [[6, 7], [9, 0]]
     assert batch.target_mask.tolist() == [[True, True], [True, False]]
     assert batch.has_behaviour.tolist() == [[True], [False]]
+
+
+def test_varlen_kwargs_of_a_packed_row():
+    # What flash-attention's variable-length kernels get on GPU: sequence starts and the longest length.
+    kw = varlen_kwargs(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and kw["cu_seq_lens_q"].dtype == torch.int32
+    assert kw["max_length_q"] == kw["max_length_k"] == 4
