@@ -277,11 +277,12 @@ class Controller:
         draw = self.scheduler.next_batch(1)
         qid = draw.ids[0]
         epoch = draw.epochs[qid]
-        self.state.epochs_ended.update(draw.ended)
-        self.state.epoch_open[epoch] += 1
         self.state.group_counter += 1
         self.state.counts["admitted"] += 1
-        return PendingGroup(f"g{self.state.group_counter}", qid, epoch)
+        group_id = f"g{self.state.group_counter}"
+        if self.use_pruning:
+            self.state.pruning_epochs.drawn(epoch, group_id, draw.ended)
+        return PendingGroup(group_id, qid, epoch)
 
     async def _run_group(self, group: PendingGroup) -> None:
         """One group's error boundary: a group that raises, or whose episodes all failed, is run again
@@ -358,15 +359,16 @@ class Controller:
             await self._replay(group)
 
     async def _record_pruning(self, group: ScoredGroup) -> None:
-        st = self.state
-        await self.pruning.record(group.epoch, ((m.question_id, bool(m.correct)) for m in group.members))
-        st.epoch_open[group.epoch] -= 1
-        for epoch in sorted(st.epochs_ended):
-            if st.epoch_open[epoch] <= 0:
-                newly = await self.pruning.finish_epoch(epoch)
-                self.pruned_questions |= newly
-                self.scheduler.prune(newly)
-                st.epochs_ended.discard(epoch)
+        """Counts once per draw: a re-run (staleness drop) or a retry (a failure after this) adds nothing."""
+        ledger = self.state.pruning_epochs
+        outcomes = [(m.question_id, bool(m.correct)) for m in group.members]
+        await self.pruning.record(group.epoch, group.group_id, outcomes)
+        ledger.settle(group.epoch, group.group_id)
+        for epoch in ledger.closable():
+            newly = await self.pruning.finish_epoch(epoch)
+            self.pruned_questions |= newly
+            self.scheduler.prune(newly)
+            ledger.closed(epoch)
 
     async def _replay(self, group: ScoredGroup) -> None:
         fresh = [m for m in group.members if self.replay.eligible(m)]
@@ -608,6 +610,9 @@ class Controller:
         in_flight, self.state.in_flight = self.state.in_flight, []
         published = await self.stream.was_published([g.group_id for g in in_flight])
         self.requeue.extend(g for g, done in zip(in_flight, published) if not done)
+        for g, done in zip(in_flight, published):
+            if done:  # scored and counted after the checkpoint: its epoch no longer waits for it
+                self.state.pruning_epochs.settle(g.epoch, g.group_id)
         # Produced groups are the trained ones and those still in the stream (re-read or new): the
         # admission bound counts both, or the resumed run would start groups too early (too stale).
         self.admission.finished = self.state.counts["trained"] + await self.stream.depth()

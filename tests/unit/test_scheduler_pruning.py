@@ -10,7 +10,8 @@ import json
 from collections import defaultdict
 from dataclasses import asdict
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learner.scheduler import PromptScheduler, SchedulerState
 
