@@ -95,6 +95,23 @@ class LearnerFailed(RuntimeError):
     pass
 
 
+class LearnerTimedOut(LearnerFailed):
+    """A learner call ran past learner.timeout_s. A step that slow is most likely a rank stuck in a
+    collective, which no dead actor reports: the learner is restarted like a dead rank (bounded)."""
+
+
+# What the trainer answers by restarting the learner group from the last checkpoint (at most 5 times).
+RESTARTS_LEARNER = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerFailed)
+
+
+async def within_learner_timeout(call, timeout_s: float, what: str):
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except asyncio.TimeoutError as e:
+        raise LearnerTimedOut(f"{what} took longer than learner.timeout_s ({timeout_s:g} s); "
+                              "raise learner.timeout_s if steps are this slow") from e
+
+
 class Controller:
     def __init__(self, cfg: RunConfig, ctx: RunContext):
         self.cfg = cfg
@@ -393,7 +410,7 @@ class Controller:
             t_wait = time.perf_counter() - t_step
             try:
                 train, t_train, t_sync = await self._train_and_publish(entries, step)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerFailed) as e:
+            except RESTARTS_LEARNER as e:
                 await self._restart_learner(e)
                 continue
             self.trained.set()
@@ -492,7 +509,8 @@ class Controller:
         )
         plans = plan_step(samples, cfg.learner.num_ranks, cfg.learner.mini_batches,
                           seed=cfg.pipeline.seed * 100003 + step)
-        sums = reduce_learner(await asyncio.wait_for(self.learner.train_step(plans), cfg.learner.timeout_s))
+        sums = reduce_learner(await within_learner_timeout(self.learner.train_step(plans), cfg.learner.timeout_s,
+                                                           f"training step {step}"))
         for g in groups:
             if g.group_id:
                 self.state.trained_group_ids.add(g.group_id)
@@ -540,7 +558,8 @@ class Controller:
         self.phase = "restarting the learner"
         log.warning("learner failed (%s); restarting from the last checkpoint", type(error).__name__)
         try:
-            await self.learner.close()
+            # Bounded: a rank stuck in a step (a timeout) never answers close; the group kills its ranks anyway.
+            await asyncio.wait_for(self.learner.close(), 60)
         except Exception:
             pass
         self.learner = self._new_learner()
