@@ -337,7 +337,8 @@ class Controller:
             return
         # Dropped: counted, and its epoch no longer waits for it before pruning.
         self.state.counts["failed_groups"] += 1
-        self.state.epoch_open[group.epoch] -= 1
+        # (Settled by draw: a group dropped after it was already scored once is not counted out twice.)
+        self.state.pruning_epochs.settle(group.epoch, group.group_id)
 
     async def _play_and_score(self, group: PendingGroup) -> ScoredGroup:
         """The group's episodes on the fleet (run again elsewhere if its worker dies), then judged."""
