@@ -98,6 +98,23 @@ class LearnerFailed(RuntimeError):
     pass
 
 
+class LearnerTimedOut(LearnerFailed):
+    """A learner call ran past learner.timeout_s. A step that slow is most likely a rank stuck in a
+    collective, which no dead actor reports: the learner is restarted like a dead rank (bounded)."""
+
+
+# What the trainer answers by restarting the learner group from the last checkpoint (at most 5 times).
+RESTARTS_LEARNER = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerFailed)
+
+
+async def within_learner_timeout(call, timeout_s: float, what: str):
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except asyncio.TimeoutError as e:
+        raise LearnerTimedOut(f"{what} took longer than learner.timeout_s ({timeout_s:g} s); "
+                              "raise learner.timeout_s if steps are this slow") from e
+
+
 class Controller:
     def __init__(self, cfg: RunConfig, ctx: RunContext):
         self.cfg = cfg
@@ -301,11 +318,12 @@ class Controller:
         draw = self.scheduler.next_batch(1)
         qid = draw.ids[0]
         epoch = draw.epochs[qid]
-        self.state.epochs_ended.update(draw.ended)
-        self.state.epoch_open[epoch] += 1
         self.state.group_counter += 1
         self.state.counts["admitted"] += 1
-        return PendingGroup(f"g{self.state.group_counter}", qid, epoch)
+        group_id = f"g{self.state.group_counter}"
+        if self.use_pruning:
+            self.state.pruning_epochs.drawn(epoch, group_id, draw.ended)
+        return PendingGroup(group_id, qid, epoch)
 
     async def _run_group(self, group: PendingGroup) -> None:
         """One group's error boundary: a group that raises, or whose episodes all failed, is run again
@@ -343,7 +361,8 @@ class Controller:
             return
         # Dropped: counted, and its epoch no longer waits for it before pruning.
         self.state.counts["failed_groups"] += 1
-        self.state.epoch_open[group.epoch] -= 1
+        # (Settled by draw: a group dropped after it was already scored once is not counted out twice.)
+        self.state.pruning_epochs.settle(group.epoch, group.group_id)
 
     async def _play_and_score(self, group: PendingGroup) -> ScoredGroup:
         """The group's episodes on the fleet (run again elsewhere if its worker dies), then judged."""
@@ -382,15 +401,16 @@ class Controller:
             await self._replay(group)
 
     async def _record_pruning(self, group: ScoredGroup) -> None:
-        st = self.state
-        await self.pruning.record(group.epoch, ((m.question_id, bool(m.correct)) for m in group.members))
-        st.epoch_open[group.epoch] -= 1
-        for epoch in sorted(st.epochs_ended):
-            if st.epoch_open[epoch] <= 0:
-                newly = await self.pruning.finish_epoch(epoch)
-                self.pruned_questions |= newly
-                self.scheduler.prune(newly)
-                st.epochs_ended.discard(epoch)
+        """Counts once per draw: a re-run (staleness drop) or a retry (a failure after this) adds nothing."""
+        ledger = self.state.pruning_epochs
+        outcomes = [(m.question_id, bool(m.correct)) for m in group.members]
+        await self.pruning.record(group.epoch, group.group_id, outcomes)
+        ledger.settle(group.epoch, group.group_id)
+        for epoch in ledger.closable():
+            newly = await self.pruning.finish_epoch(epoch)
+            self.pruned_questions |= newly
+            self.scheduler.prune(newly)
+            ledger.closed(epoch)
 
     async def _replay(self, group: ScoredGroup) -> None:
         fresh = [m for m in group.members if self.replay.eligible(m)]
@@ -415,7 +435,7 @@ class Controller:
             t_wait = time.perf_counter() - t_step
             try:
                 train, t_train, t_sync = await self._train_and_publish(entries, step)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerFailed) as e:
+            except RESTARTS_LEARNER as e:
                 await self._restart_learner(e)
                 continue
             self.trained.set()
@@ -517,7 +537,8 @@ class Controller:
             samples, cfg.learner.num_ranks, cfg.learner.mini_batches, seed=cfg.pipeline.seed * 100003 + step,
             max_tokens=cfg.learner.max_tokens_per_micro_batch,
         )
-        sums = reduce_learner(await asyncio.wait_for(self.learner.train_step(plans), cfg.learner.timeout_s))
+        sums = reduce_learner(await within_learner_timeout(self.learner.train_step(plans), cfg.learner.timeout_s,
+                                                           f"training step {step}"))
         for g in groups:
             if g.group_id:
                 self.state.trained_group_ids.add(g.group_id)
@@ -569,7 +590,8 @@ class Controller:
         self.phase = "restarting the learner"
         log.warning("learner failed (%s); restarting from the last checkpoint", type(error).__name__)
         try:
-            await self.learner.close()
+            # Bounded: a rank stuck in a step (a timeout) never answers close; the group kills its ranks anyway.
+            await asyncio.wait_for(self.learner.close(), 60)
         except Exception:
             pass
         self.learner = self._new_learner()
@@ -640,6 +662,9 @@ class Controller:
         in_flight, self.state.in_flight = self.state.in_flight, []
         published = await self.stream.was_published([g.group_id for g in in_flight])
         self.requeue.extend(g for g, done in zip(in_flight, published) if not done)
+        for g, done in zip(in_flight, published):
+            if done:  # scored and counted after the checkpoint: its epoch no longer waits for it
+                self.state.pruning_epochs.settle(g.epoch, g.group_id)
         # Produced groups are the trained ones and those still in the stream (re-read or new): the
         # admission bound counts both, or the resumed run would start groups too early (too stale).
         self.admission.finished = self.state.counts["trained"] + await self.stream.depth()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.pruning import EpochLedger
 from learner.scheduler import SchedulerState
 
 LATEST = "rapo_latest"
@@ -42,8 +43,7 @@ class RunState:
     group_counter: int = 0
     # Groups running or waiting to be re-run at the checkpoint (filled in when a checkpoint is written).
     in_flight: list[PendingGroup] = field(default_factory=list)
-    epoch_open: Counter = field(default_factory=Counter)
-    epochs_ended: set[int] = field(default_factory=set)
+    pruning_epochs: EpochLedger = field(default_factory=EpochLedger)  # which epochs may be judged for pruning
     trained_group_ids: set[str] = field(default_factory=set)
     staleness: Counter = field(default_factory=Counter)  # groups per policy-version lag
     learner_restarts: int = 0
@@ -56,7 +56,7 @@ class RunState:
             "mlflow_run_id": self.mlflow_run_id, "elapsed_s": self.elapsed_s,
             "counts": dict(self.counts), "group_counter": self.group_counter,
             "in_flight": [asdict(g) for g in self.in_flight],
-            "epoch_open": {str(k): v for k, v in self.epoch_open.items()}, "epochs_ended": sorted(self.epochs_ended),
+            "pruning_epochs": self.pruning_epochs.to_dict(),
             "trained_group_ids": sorted(self.trained_group_ids), "staleness": dict(self.staleness),
             "learner_restarts": self.learner_restarts,
         }
@@ -68,8 +68,7 @@ class RunState:
             replay_injections=d["replay_injections"], mlflow_run_id=d["mlflow_run_id"], elapsed_s=d["elapsed_s"],
             counts=Counter(d["counts"]), group_counter=d["group_counter"],
             in_flight=[PendingGroup(**g) for g in d["in_flight"]],
-            epoch_open=Counter({int(k): v for k, v in d["epoch_open"].items()}),
-            epochs_ended=set(d["epochs_ended"]), trained_group_ids=set(d["trained_group_ids"]),
+            pruning_epochs=EpochLedger.from_dict(d["pruning_epochs"]), trained_group_ids=set(d["trained_group_ids"]),
             staleness=Counter({int(k): v for k, v in d["staleness"].items()}),
             learner_restarts=d["learner_restarts"], scheduler=SchedulerState(**d["scheduler"]),
         )

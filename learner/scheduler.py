@@ -1,5 +1,9 @@
 """Which questions each step trains on: epochs over the active set, reshuffled per epoch.
 
+An epoch's order is a permutation of every question (seeded by run seed and epoch), and a
+draw skips the ones pruned by then. The order never depends on the pruned set, so a prune that
+lands mid-epoch (an earlier epoch closing) skips questions without reshuffling the rest:
+within an epoch no question is drawn twice and every one not pruned is drawn once.
 The state (epoch, position, pruned ids) is plain data so that it can be checkpointed and
 restored; the same seed and state always give the same next batch.
 """
@@ -35,23 +39,13 @@ class PromptScheduler:
         self.ids = list(question_ids)
         self.seed = seed
         self.state = state or SchedulerState()
-        # The controller draws one question per group: remember the epoch's order instead of
-        # reshuffling the whole set per draw. Keyed by the pruned list object (prune replaces it).
-        self._cache: tuple[int, list[str], int, list[str]] | None = None
+        self._cached: tuple[int, list[str]] = (-1, [])
 
     def _order(self, epoch: int) -> list[str]:
-        c = self._cache
-        if c is not None and c[0] == epoch and c[1] is self.state.pruned and c[2] == len(self.state.pruned):
-            return c[3]
-        order = self._shuffled(epoch)
-        self._cache = (epoch, self.state.pruned, len(self.state.pruned), order)
-        return order
-
-    def _shuffled(self, epoch: int) -> list[str]:
-        pruned = set(self.state.pruned)
-        active = [q for q in self.ids if q not in pruned]
-        rng = np.random.default_rng([self.seed, epoch])
-        return [active[i] for i in rng.permutation(len(active))]
+        if self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cached = (epoch, [self.ids[i] for i in rng.permutation(len(self.ids))])
+        return self._cached[1]
 
     @property
     def active(self) -> int:
@@ -65,15 +59,19 @@ class PromptScheduler:
         """
         if self.active < k:
             raise ValueError(f"only {self.active} active questions left, fewer than the {k} a step needs")
+        pruned = set(self.state.pruned)
         draw = Draw()
         while len(draw.ids) < k:
             order = self._order(self.state.epoch)
             while self.state.position < len(order) and len(draw.ids) < k:
                 q = order[self.state.position]
                 self.state.position += 1
-                if q not in draw.epochs:
+                if q not in pruned and q not in draw.epochs:
                     draw.ids.append(q)
                     draw.epochs[q] = self.state.epoch
+            # Pruned questions at the end of the order: this draw took the epoch's last one.
+            while self.state.position < len(order) and order[self.state.position] in pruned:
+                self.state.position += 1
             if self.state.position >= len(order):
                 draw.ended.append(self.state.epoch)
                 self.state.epoch += 1

@@ -10,6 +10,7 @@ import pytest
 from cluster.config import RunConfig
 from cluster.run_metrics import idle_fractions, judge_metrics, run_summary
 from cluster.run_state import PendingGroup, RunState, checkpoint_tags, latest_tag, load_latest
+from learner.pruning import EpochLedger
 from learner.scheduler import SchedulerState
 
 
@@ -18,7 +19,7 @@ def _state() -> RunState:
         step=3, version=4, history=[{"step": 1, "reward/mean": 0.5}], evals=[{"step": 0, "eval/accuracy": 0.25}],
         replay_injections=2, mlflow_run_id="abc", elapsed_s=12.5, counts=Counter(admitted=9, trained=6),
         group_counter=9, in_flight=[PendingGroup("g8", "q1", 1), PendingGroup("g3r", "q2", 0)],
-        epoch_open=Counter({0: 1, 1: 2}), epochs_ended={0}, trained_group_ids={"g1", "g2"},
+        pruning_epochs=EpochLedger({0: {"g7"}, 1: {"g8", "g9"}}, {0}), trained_group_ids={"g1", "g2"},
         staleness=Counter({0: 5, 2: 1}), learner_restarts=1, scheduler=SchedulerState(1, 3, ["q9"]),
     )
 
