@@ -43,7 +43,10 @@ class LearnerWorker:
 
             dist = DistSpec(self.rank, self.world_size, master_addr, master_port)
             self.trainer = Trainer(cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature)
-        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "gpu": self.trainer.gpu}
+        precision = getattr(self.trainer, "precision", None)
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "gpu": self.trainer.gpu, "precision": precision.name if precision else "simulated",
+                "precision_reason": precision.reason if precision else ""}
 
     def train_step(self, plan: RankPlan) -> dict:
         return self.trainer.train_step(plan)

@@ -191,6 +191,9 @@ def cmd_run(args) -> int:
             _log(f"mlflow run id: {info['mlflow_run_id']} (tracking uri {ctx.tracking_uri})")
             for w in info["workers"]:
                 _log(f"{w['name']}: {w['engine']} engine ready in {w['startup_s']:.0f} s")
+            first = info["learners"][0] if info.get("learners") else {}
+            if first.get("precision"):
+                _log(f"learner precision: {first['precision']} ({first.get('precision_reason', '')})")
             try:
                 summary = follow_run(controller, cfg.pipeline.steps, console)
             except ray.exceptions.RayError as e:

@@ -218,7 +218,10 @@ class LearnerConfig(Section):
     )
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="master weights and optimizer state")
-    autocast_bf16: bool = Field(True, description="bf16 autocast for forward/backward (fp32 master weights)")
+    autocast_bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast for forward/backward (fp32 master weights); auto: only where the CPU/GPU "
+        "does bf16 natively (on a CPU without AVX512_BF16/AMX it is emulated and several times slower than fp32)",
+    )
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)

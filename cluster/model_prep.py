@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.config import RunConfig
-from rollout.chat_format import SYSTEM_PROMPT
 from learner.policy_init import MARKER, build_tiny_model, convert_smollm2, is_model_dir
+from learner.precision import Precision, detect_precision
+from rollout.chat_format import SYSTEM_PROMPT
 
 Log = Callable[[str], None]
 
@@ -47,9 +48,15 @@ def smollm2_base(cache_dir: Path, log: Log = print) -> Path:
     return out
 
 
-def warm_start_key(cfg: RunConfig) -> dict:
+def warm_start_key(cfg: RunConfig, bf16: bool) -> dict:
+    """What the warm-started weights depend on.
+
+    bf16 autocast changes them (every forward/backward rounds to bf16, so the 5 Adam steps land on
+    different weights than in fp32), so the precision is part of the key. Entries built before the
+    precision was chosen were all bf16 on CPU: a bf16 build keeps their key, an fp32 build gets its own.
+    """
     world = cfg.data.demo
-    return {
+    key = {
         "warm_start": cfg.model.warm_start.model_dump(),
         "seed": cfg.data.seed,
         "countries": world.countries,
@@ -61,6 +68,9 @@ def warm_start_key(cfg: RunConfig) -> dict:
         "prompt": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12],
         "version": 1,
     }
+    if not bf16:
+        key["precision"] = "fp32"
+    return key
 
 
 def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
@@ -83,21 +93,19 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
         base = tiny
     if m.warm_start.steps == 0:
         return base
-    key = warm_start_key(cfg)
+    # The warm start runs on this machine's CPU whatever the learner later uses.
+    precision = detect_precision("auto", "cpu")
+    key = warm_start_key(cfg, precision.bf16)
     out = cache / f"{base.name}-warm-{_key(key)}"
     with _locked(cache, out.name):
         if not is_model_dir(out):
-            build_warm_start(cfg, base, out, key, log)
+            build_warm_start(cfg, base, out, key, precision, log)
     return out
 
 
-def build_warm_start(cfg: RunConfig, base: Path, out: Path, key: dict, log: Log = print) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def demonstration_samples(cfg: RunConfig, tokenizer) -> list:
+    """Gold demo-world episodes (as TrainSamples) for the warm-start hops of ``cfg``."""
     from learner.batch import TrainSample
-    from learner.policy_init import save_model_dir
-    from learner.warm_start import supervised_warm_start
     from rollout.demo_world import build_demo_world
     from rollout.demonstrations import gold_trajectory
     from rollout.tools.corpus import CorpusBackend
@@ -105,7 +113,6 @@ def build_warm_start(cfg: RunConfig, base: Path, out: Path, key: dict, log: Log 
 
     ws = cfg.model.warm_start
     world = build_demo_world(cfg.data.seed, cfg.data.demo.countries, cfg.data.demo.heldout_fraction, hops=(1, 2))
-    tokenizer = AutoTokenizer.from_pretrained(base)
     toolbox = Toolbox.from_config(cfg.tools, CorpusBackend(world.documents, snippet_chars=cfg.tools.snippet_chars))
     questions = [q for q in world.warm_start if q.hops in ws.hops]
 
@@ -113,15 +120,32 @@ def build_warm_start(cfg: RunConfig, base: Path, out: Path, key: dict, log: Log 
         return await asyncio.gather(*(gold_trajectory(q, world.plans[q.id], toolbox, tokenizer) for q in questions))
 
     episodes = [t for t in asyncio.run(build()) if t is not None]
-    samples = [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, 0.0, t.question_id) for t in episodes]
-    log(f"warm start: {ws.steps} supervised steps on {len(samples)} demo-world episodes (hops {ws.hops})")
+    return [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, 0.0, t.question_id) for t in episodes]
+
+
+def build_warm_start(
+    cfg: RunConfig, base: Path, out: Path, key: dict, precision: Precision, log: Log = print
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learner.policy_init import save_model_dir
+    from learner.warm_start import supervised_warm_start
+
+    ws = cfg.model.warm_start
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    samples = demonstration_samples(cfg, tokenizer)
+    log(f"warm start: {ws.steps} supervised steps on {len(samples)} demo-world episodes (hops {ws.hops}), "
+        f"{precision.name} ({precision.reason})")
     torch.manual_seed(ws.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     result = supervised_warm_start(
         model, samples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=ws.seed,
-        pad_id=tokenizer.pad_token_id, on_step=lambda s, loss: log(f"warm start step {s}/{ws.steps}: loss {loss:.3f}"),
+        pad_id=tokenizer.pad_token_id, bf16=precision.bf16,
+        on_step=lambda s, loss: log(f"warm start step {s}/{ws.steps}: loss {loss:.3f}"),
     )
-    meta = {"source": f"{cfg.model.source}-warm-start", "base": str(base), "key": key, "losses": result.losses, "seconds": result.seconds}
+    meta = {"source": f"{cfg.model.source}-warm-start", "base": str(base), "key": key, "losses": result.losses,
+            "seconds": result.seconds, "precision": precision.name, "precision_reason": precision.reason}
     save_model_dir(model, tokenizer, out, meta)
     log(f"warm start done in {result.seconds:.0f} s -> {out}")
 

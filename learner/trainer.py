@@ -22,6 +22,7 @@ import torch
 from learner.batch import MiniBatch, RankPlan, TrainSample, collate
 from learner.logprobs import PolicyLogprobs
 from learner.loss import aggregate, importance_weights, k3_kl, masked_mean, ppo_token_loss
+from learner.precision import Precision, detect_precision
 
 if TYPE_CHECKING:
     from cluster.config import LearnerConfig
@@ -93,6 +94,9 @@ class Trainer:
         self.dist = dist
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        # bf16 master weights (cfg.dtype) need no autocast; fp32 ones use it only where bf16 is native.
+        self.precision = (detect_precision(cfg.autocast_bf16, self.device.type) if cfg.dtype == "float32"
+                          else Precision(False, "dtype=bfloat16: bf16 weights, no autocast"))
         if not self.gpu:
             # Ray pins OMP_NUM_THREADS to the actor's num_cpus (often 1); on CPU that halves the step.
             torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // dist.world_size))
@@ -139,7 +143,7 @@ class Trainer:
         return ref.to(self.device)
 
     def _autocast(self):
-        if self.cfg.autocast_bf16 and self.cfg.dtype == "float32":
+        if self.precision.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 

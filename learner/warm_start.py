@@ -36,9 +36,13 @@ def supervised_warm_start(
     seed: int,
     pad_id: int,
     chunk_size: int = 512,
+    bf16: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> WarmStartResult:
-    """Train ``model`` in place: token-mean cross-entropy on the loss-masked (assistant) tokens."""
+    """Train ``model`` in place: token-mean cross-entropy on the loss-masked (assistant) tokens.
+
+    ``bf16`` autocasts the CPU forward/backward (learner.precision decides where that is native).
+    """
     if not episodes:
         raise ValueError("no demonstration episodes to warm-start on")
     t0 = time.perf_counter()
@@ -57,7 +61,7 @@ def supervised_warm_start(
             order += fresh
         batch = collate([episodes[i] for i in order[:batch_size]], pad_id)
         order = order[batch_size:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logp, _ = policy(batch.input_ids, batch.attention_mask, batch.targets, batch.target_mask)
         loss = -masked_mean(logp, batch.target_mask)
         optimizer.zero_grad(set_to_none=True)
