@@ -81,6 +81,10 @@ class DataConfig(Section):
     path: Path | None = Field(None, description="JSONL of {id, question, answer, aliases?} training rows")
     eval_path: Path | None = Field(None, description="JSONL held-out rows (default: a split of `path`)")
     eval_size: int = Field(32, ge=1, description="held-out questions used for accuracy")
+    train_size: int | None = Field(
+        None, ge=1, description="RL training pool: this many training questions, taken evenly over hop counts "
+        "(default: all); a small pool makes a short run revisit questions, so replay and pruning act",
+    )
 
     @model_validator(mode="after")
     def _jsonl_needs_path(self) -> "DataConfig":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.config import ConfigError, RunConfig
-from rollout.dataset import load_questions_jsonl, split_questions
+from rollout.dataset import load_questions_jsonl, mixed_hops_subset, split_questions
 from rollout.demo_world import build_demo_world
 from rollout.tools.corpus import Document, load_corpus_jsonl
 from rollout.types import Question
@@ -34,6 +34,8 @@ def load_run_data(cfg: RunConfig) -> RunData:
             train, heldout = split_questions(questions, 0.2, d.seed)
         # The web backend searches the web: no local pages.
         documents = load_corpus_jsonl(cfg.tools.corpus_path) if cfg.tools.backend == "corpus" else []
+    if d.train_size is not None:
+        train = mixed_hops_subset(train, d.train_size)
     if len(train) < cfg.pipeline.questions_per_step:
         raise ConfigError(
             f"pipeline.questions_per_step={cfg.pipeline.questions_per_step} is more than the {len(train)} training "

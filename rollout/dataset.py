@@ -129,3 +129,21 @@ def split_questions(
     train = [q for i, q in enumerate(questions) if i not in held]
     heldout = [q for i, q in enumerate(questions) if i in held]
     return train, heldout
+
+
+def mixed_hops_subset(questions: Sequence[Question], n: int) -> list[Question]:
+    """The first ``n`` questions taken round-robin over hop counts (fewest hops first), each kept in input order.
+
+    A small RL pool cut this way holds easy and hard questions alike, rather than whatever the
+    first rows happen to be.
+    """
+    by_hops: dict[int, list[Question]] = {}
+    for q in questions:
+        by_hops.setdefault(q.hops, []).append(q)
+    queues = [by_hops[h] for h in sorted(by_hops)]
+    out: list[Question] = []
+    depth = 0
+    while len(out) < n and any(depth < len(queue) for queue in queues):
+        out += [queue[depth] for queue in queues if depth < len(queue)][: n - len(out)]
+        depth += 1
+    return out

@@ -203,3 +203,22 @@ def test_fuzz_loader_raises_only_dataset_errors_and_round_trips(rows):
              for q in questions]
     data = "\n".join(json.dumps(r) for r in again).encode()
     assert load_questions_jsonl("again.jsonl", stream=io.BytesIO(data)) == questions
+
+
+@given(st.lists(st.integers(1, 3), max_size=40), st.integers(1, 50))
+def test_mixed_hops_subset_balances_hop_counts(hops, n):
+    from rollout.dataset import mixed_hops_subset
+
+    questions = [Question(id=f"q{i}", question="?", answer="a", hops=h) for i, h in enumerate(hops)]
+    subset = mixed_hops_subset(questions, n)
+    assert len(subset) == min(n, len(questions))
+    assert len({q.id for q in subset}) == len(subset)
+    counts = {h: sum(q.hops == h for q in subset) for h in set(hops)}
+    available = {h: hops.count(h) for h in set(hops)}
+    # No hop count gets two more than another unless the other has run out.
+    for a in counts:
+        for b in counts:
+            assert counts[a] <= counts[b] + 1 or counts[b] == available[b]
+    # Within a hop count the input order is kept (a prefix of that hop count's questions).
+    for h in counts:
+        assert [q.id for q in subset if q.hops == h] == [q.id for q in questions if q.hops == h][: counts[h]]
