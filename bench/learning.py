@@ -1,14 +1,34 @@
-"""Learning benchmark: RAPO vs GRPO from the same warm-started policy, same seed and step budget.
+"""Learning benchmark: what each RAPO part buys, at an equal budget of generated episodes.
 
-Runs `rapo run` twice per data seed (learner.algorithm=rapo, then grpo), collects the curves
-(held-out accuracy, reward, entropy, grad norm, response length) into CSV, draws one PNG and
-logs it next to both MLflow runs. The last line printed is
+Arms (all from the same warm-started policy of each world seed, same steps, same pool):
 
-    rapo_acc_initial=X rapo_acc_final=Y grpo_acc_final=Z
+    grpo         learner.algorithm=grpo (no RAPO part)
+    rapo         learner.algorithm=rapo (advantage scaling + replay + pruning)
+    adv_scaling  grpo + learner.adv_scaling=true
+    replay       grpo + learner.replay=true
+    pruning      grpo + learner.pruning=true
+    stage2       rapo with rewards.stage=2 (the steerable step-level reward)
 
-(for the first seed; every seed's line is printed above it).
+GRPO and RAPO run on every world seed (``--seeds``, default 3), the other arms on the first.
+Held-out accuracy is measured on ``--eval-size`` (default 128) questions at temperature 0
+(greedy: the eval's only noise is which questions were drawn) every ``--eval-every`` steps.
+Per arm: mean accuracy over seeds with a 95% confidence interval (Student t over seeds when
+there are two or more, else the Wilson interval of the one run's 128 answers), response
+tokens and tool calls per episode, replay injections, pruned questions, and the share of
+REDUNDANTSEARCH / REDUNDANTQUERY labels among the held-out episodes' tool calls before and
+after. Writes learning.csv, learning_table.md and learning_accuracy.png (held-out accuracy vs
+episodes generated, one line per arm) under --out. The last line printed is
 
-    python bench/learning.py --seeds 0 1 --steps 16
+    rapo_acc_initial=X rapo_acc_final=Y grpo_acc_final=Z rapo_ci=W grpo_ci=V
+
+(means over seeds; W and V are 95% CI half-widths of the final accuracies).
+
+The full set (3 seeds x 2 arms + 4 single-seed arms at 512 episodes each) takes hours on 2
+cores; pick what to run with --arms / --seeds / --episodes.
+
+    python bench/learning.py                                  # everything
+    python bench/learning.py --arms rapo grpo --seeds 0 --episodes 128 --eval-every 4
+    python bench/learning.py --collect                        # table + plot of finished runs
 """
 
 from __future__ import annotations
@@ -16,136 +36,265 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CURVES = [
-    ("eval/accuracy", "held-out accuracy"),
-    ("reward/mean", "reward (train batch)"),
-    ("learner/entropy", "entropy"),
-    ("learner/grad_norm", "grad norm"),
-    ("train/response_tokens", "response tokens / episode"),
-]
+
+# Overrides of each arm on top of the config; single-part arms start from GRPO and switch one part on.
+ARMS: dict[str, tuple[str, ...]] = {
+    "grpo": ("learner.algorithm=grpo",),
+    "rapo": ("learner.algorithm=rapo",),
+    "adv_scaling": ("learner.algorithm=grpo", "learner.adv_scaling=true"),
+    "replay": ("learner.algorithm=grpo", "learner.replay=true"),
+    "pruning": ("learner.algorithm=grpo", "learner.pruning=true"),
+    "stage2": ("learner.algorithm=rapo", "rewards.stage=2"),
+}
+MULTI_SEED_ARMS = ("grpo", "rapo")
+REDUNDANT_LABELS = ("REDUNDANTSEARCH", "REDUNDANTQUERY")
+# Two-sided 95% Student t quantiles by degrees of freedom (beyond 30 the normal's 1.96 is close enough).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def run_one(out: Path, algorithm: str, seed: int, args) -> dict:
-    run_dir = out / f"{algorithm}-seed{seed}"
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-seed{self.seed}"
+
+
+def expand_arms(arms: list[str], seeds: list[int]) -> list[RunSpec]:
+    """One run per (arm, seed): GRPO and RAPO on every seed, single-part and stage-2 arms on the first."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not seeds:
+        raise ValueError("give at least one world seed")
+    return [RunSpec(a, s, ARMS[a]) for a in arms for s in (seeds if a in MULTI_SEED_ARMS else seeds[:1])]
+
+
+def steps_for_budget(episodes: int, questions_per_step: int, samples_per_question: int) -> int:
+    """Training steps that generate at least ``episodes`` episodes (every step generates a full batch)."""
+    if episodes < 1:
+        raise ValueError("the episode budget must be at least 1")
+    return math.ceil(episodes / (questions_per_step * samples_per_question))
+
+
+def t_quantile(df: int) -> float:
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values")
+    known = [d for d in T95 if d <= df]
+    return T95[max(known)] if df <= 30 else 1.96
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0 and 1, unlike p +- 1.96 se)."""
+    if n <= 0:
+        raise ValueError("no questions evaluated")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # min/max: at p = 0 or 1 the bound equals p exactly, which rounding would otherwise nudge past it.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def mean_ci(accuracies: list[float], n_questions: int) -> tuple[float, float]:
+    """Mean accuracy over seeds and the half-width of its 95% CI.
+
+    Two or more seeds: a t interval over the per-seed accuracies (it holds world-to-world and
+    eval noise). One seed: half the Wilson interval of its ``n_questions`` answers.
+    """
+    if not accuracies:
+        raise ValueError("no accuracies")
+    k = len(accuracies)
+    mean = sum(accuracies) / k
+    if k == 1:
+        lo, hi = wilson_interval(round(mean * n_questions), n_questions)
+        return mean, (hi - lo) / 2
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (k - 1))
+    return mean, t_quantile(k - 1) * sd / math.sqrt(k)
+
+
+def label_shares(rows: list[dict]) -> dict[str, float]:
+    """Share of each label among all tool-call labels of some eval rows ({"labels": [...]} each)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for label in r.get("labels", []):
+            counts[label] = counts.get(label, 0) + 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
+def arm_rows(results: dict[RunSpec, dict]) -> list[dict]:
+    """One row per arm: means over its seeds (final accuracy with a CI) and the per-episode costs."""
+    rows = []
+    for arm in dict.fromkeys(spec.arm for spec in results):
+        runs = [r for spec, r in results.items() if spec.arm == arm]
+        final, ci = mean_ci([r["acc_final"] for r in runs], runs[0]["eval_questions"])
+        mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        rows.append({
+            "arm": arm, "seeds": len(runs), "episodes": mean("episodes"), "acc_initial": mean("acc_initial"),
+            "acc_final": final, "ci": ci, "gain": final - mean("acc_initial"),
+            "response_tokens": mean("response_tokens"), "tool_calls": mean("tool_calls"),
+            "replay_injections": mean("replay_injections"), "pruned_questions": mean("pruned_questions"),
+            **{f"{label}_before": mean(f"{label}_before") for label in REDUNDANT_LABELS},
+            **{f"{label}_after": mean(f"{label}_after") for label in REDUNDANT_LABELS},
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| arm | seeds | episodes | held-out acc. initial | final (95% CI) | gain | response tokens / ep. "
+            "| tool calls / ep. | replay injections | pruned | REDUNDANTSEARCH before -> after "
+            "| REDUNDANTQUERY before -> after |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        shares = [f"{r[f'{lab}_before']:.3f} -> {r[f'{lab}_after']:.3f}" for lab in REDUNDANT_LABELS]
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {r['episodes']:.0f} | {r['acc_initial']:.3f} | "
+            f"{r['acc_final']:.3f} ± {r['ci']:.3f} | {r['gain']:+.3f} | {r['response_tokens']:.0f} | "
+            f"{r['tool_calls']:.2f} | {r['replay_injections']:.1f} | {r['pruned_questions']:.1f} | "
+            f"{shares[0]} | {shares[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def last_line(rows: list[dict]) -> str:
+    by_arm = {r["arm"]: r for r in rows}
+    rapo, grpo = by_arm.get("rapo"), by_arm.get("grpo")
+    nan = float("nan")
+    return (f"rapo_acc_initial={rapo['acc_initial'] if rapo else nan:.3f} "
+            f"rapo_acc_final={rapo['acc_final'] if rapo else nan:.3f} "
+            f"grpo_acc_final={grpo['acc_final'] if grpo else nan:.3f} "
+            f"rapo_ci={rapo['ci'] if rapo else nan:.3f} grpo_ci={grpo['ci'] if grpo else nan:.3f}")
+
+
+# ---- running and reading runs (I/O) ---------------------------------------------------------------
+def run_one(out: Path, spec: RunSpec, steps: int, args) -> Path:
+    run_dir = out / spec.name
     if (run_dir / "summary.json").exists() and not args.rerun:
-        return json.loads((run_dir / "summary.json").read_text())
+        return run_dir
     cmd = [
-        sys.executable, "-m", "cluster.cli", "run", args.config, "--output-dir", str(run_dir),
-        f"learner.algorithm={algorithm}", f"data.seed={seed}", f"pipeline.steps={args.steps}",
-        f"pipeline.eval_every={args.eval_every}", f"pipeline.seed={seed}", *args.overrides,
+        sys.executable, "-m", "cluster.cli", "run", args.config, "--output-dir", str(run_dir), *spec.overrides,
+        f"data.seed={spec.seed}", f"pipeline.seed={spec.seed}", f"pipeline.steps={steps}",
+        f"pipeline.eval_every={args.eval_every}", f"data.eval_size={args.eval_size}",
+        f"pipeline.eval_temperature={args.eval_temperature}", f"data.train_size={args.train_size}",
+        "pipeline.mode=sync", *args.overrides,
     ]
-    print(f"== {algorithm}, data.seed={seed}: {' '.join(cmd[3:])}", flush=True)
+    print(f"== {spec.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
-    with open(out / f"{algorithm}-seed{seed}.log", "w") as log:
+    with open(out / f"{spec.name}.log", "w") as log:
         code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     if code != 0:
-        raise SystemExit(f"{algorithm} seed {seed} failed (exit {code}); see {out / f'{algorithm}-seed{seed}.log'}")
+        raise SystemExit(f"{spec.name} failed (exit {code}); see {out / f'{spec.name}.log'}")
+    print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def read_run(run_dir: Path, batch: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"   done in {time.time() - t0:.0f} s: accuracy {summary['accuracy_initial']} -> {summary['accuracy_final']}", flush=True)
-    return summary
-
-
-def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     history = json.loads((run_dir / "history.json").read_text())
-    out = {}
-    for key, _ in CURVES:
-        rows = history["evals"] if key.startswith("eval/") else history["steps"]
-        out[key] = [(int(r["step"]), float(r[key])) for r in rows if key in r]
-    return out
+    evals = history["evals"]
+    files = sorted((run_dir / "eval").glob("step-*.jsonl"))
+    before, after = ({}, {}) if not files else (
+        label_shares([json.loads(x) for x in f.read_text().splitlines()]) for f in (files[0], files[-1]))
+    steps = history["steps"]
+    mean = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps) if steps else 0.0  # noqa: E731
+    return {
+        "acc_initial": summary["accuracy_initial"], "acc_final": summary["accuracy_final"],
+        "eval_questions": summary["eval_questions"], "episodes": summary["steps"] * batch,
+        "response_tokens": mean("train/response_tokens"), "tool_calls": mean("train/tool_calls_per_episode"),
+        "replay_injections": summary["replay_injections"], "pruned_questions": summary["pruned_questions"],
+        "curve": [(int(e["step"]) * batch, float(e["eval/accuracy"])) for e in evals],
+        **{f"{lab}_before": before.get(lab, 0.0) for lab in REDUNDANT_LABELS},
+        **{f"{lab}_after": after.get(lab, 0.0) for lab in REDUNDANT_LABELS},
+    }
 
 
-def write_csv(path: Path, data: dict[tuple[str, int], dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["algorithm", "data_seed", "metric", "step", "value"])
-        for (algorithm, seed), series in sorted(data.items()):
-            for key, points in series.items():
-                for step, value in points:
-                    w.writerow([algorithm, seed, key, step, value])
-
-
-def plot(path: Path, data: dict[tuple[str, int], dict]) -> None:
+def plot(path: Path, results: dict[RunSpec, dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
-    colors = {"rapo": "tab:blue", "grpo": "tab:orange"}
-    for ax, (key, label) in zip(axes, CURVES):
-        for (algorithm, seed), series in sorted(data.items()):
-            pts = series.get(key, [])
-            if pts:
-                style = "-" if seed == min(s for _, s in data) else "--"
-                ax.plot(*zip(*pts), style, color=colors[algorithm], marker="o", ms=3, label=f"{algorithm.upper()} seed {seed}")
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("RAPO vs GRPO on the demo world (same warm start, seed and step budget)")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in dict.fromkeys(spec.arm for spec in results):
+        curves = [r["curve"] for spec, r in results.items() if spec.arm == arm]
+        xs = sorted({x for c in curves for x, _ in c})
+        ys = [sum(dict(c).get(x, float("nan")) for c in curves) / len(curves) for x in xs]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{arm} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+    ax.set_xlabel("episodes generated")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("RAPO parts at an equal episode budget (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def log_next_to_mlflow(run_dir: Path, files: list[Path]) -> None:
-    import mlflow
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    for f in files:
-        client.log_artifact(summary["mlflow_run_id"], str(f))
+def write_csv(path: Path, results: dict[RunSpec, dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["arm", "seed", "episodes", "heldout_accuracy"])
+        for spec, r in results.items():
+            for episodes, acc in r["curve"]:
+                w.writerow([spec.arm, spec.seed, episodes, acc])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="deploy/configs/demo.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--algorithms", nargs="+", choices=["rapo", "grpo"], default=["rapo", "grpo"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world seeds (data.seed)")
+    parser.add_argument("--episodes", type=int, default=512, help="generated episodes per run (equal for every arm)")
+    parser.add_argument("--train-size", type=int, default=64, help="RL pool (data.train_size), mixed 1/2-hop")
+    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--eval-temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--out", default="runs/bench-learning")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
-    parser.add_argument("--collect", action="store_true", help="start no run: plot and report the finished ones")
+    parser.add_argument("--collect", action="store_true", help="start no run: table and plot of the finished ones")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = parser.parse_args()
+
+    from cluster.config import load_config
+
+    cfg = load_config(REPO / args.config, list(args.overrides))
+    p = cfg.pipeline
+    batch = p.questions_per_step * p.samples_per_question
+    steps = steps_for_budget(args.episodes, p.questions_per_step, p.samples_per_question)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-
-    summaries, data = {}, {}
-    for seed in args.seeds:
-        for algorithm in args.algorithms:
-            if args.collect and not (out / f"{algorithm}-seed{seed}" / "summary.json").exists():
-                continue
-            summaries[(algorithm, seed)] = run_one(out, algorithm, seed, args)
-            data[(algorithm, seed)] = curves(out / f"{algorithm}-seed{seed}")
-    csv_path, png_path = out / "learning_curves.csv", out / "learning_curves.png"
-    write_csv(csv_path, data)
-    plot(png_path, data)
-    for key in summaries:
-        log_next_to_mlflow(out / f"{key[0]}-seed{key[1]}", [png_path, csv_path])
-    print(f"curves: {csv_path}\nplot:   {png_path}")
-    lines = []
-    for seed in args.seeds:
-        done = [a for a in args.algorithms if (a, seed) in summaries]
-        first = summaries[(done[0], seed)]
-        line = f"{done[0]}_acc_initial={first['accuracy_initial']:.3f}"
-        for algorithm in done:
-            line += f" {algorithm}_acc_final={summaries[(algorithm, seed)]['accuracy_final']:.3f}"
-        extra = ", ".join(f"{a} wall {summaries[(a, seed)]['wall_time_s']:.0f} s, replay injections "
-                          f"{summaries[(a, seed)]['replay_injections']}, pruned {summaries[(a, seed)]['pruned_questions']}"
-                          for a in done)
-        print(f"data.seed={seed}: {line}  ({extra})")
-        lines.append(line)
-    print(lines[0])
+    specs = expand_arms(args.arms, args.seeds)
+    print(f"{len(specs)} runs of {steps} steps ({steps * batch} episodes each); held-out {args.eval_size} questions "
+          f"at T={args.eval_temperature}", flush=True)
+    results: dict[RunSpec, dict] = {}
+    for spec in specs:
+        if args.collect and not (out / spec.name / "summary.json").exists():
+            continue
+        results[spec] = read_run(run_one(out, spec, steps, args), batch)
+    if not results:
+        raise SystemExit(f"no finished runs under {out}")
+    rows = arm_rows(results)
+    table = markdown_table(rows)
+    (out / "learning_table.md").write_text(table + "\n")
+    write_csv(out / "learning.csv", results)
+    plot(out / "learning_accuracy.png", results)
+    print(table)
+    print(f"table: {out / 'learning_table.md'}\nplot:  {out / 'learning_accuracy.png'}")
+    print(last_line(rows))
 
 
 if __name__ == "__main__":

@@ -48,5 +48,5 @@ def episode_limits(r: RolloutConfig) -> EpisodeLimits:
 def eval_row(t: Trajectory) -> dict[str, Any]:
     """A scored eval episode as one line of `eval/step-XXXX.jsonl`."""
     row = {"id": t.question_id, "answer": t.answer, "correct": t.correct, "tool_calls": t.num_tool_calls,
-           "response_tokens": t.generated_tokens, "finish_reason": t.finish_reason}
+           "response_tokens": t.generated_tokens, "finish_reason": t.finish_reason, "labels": list(t.labels)}
     return {**row, "error": t.error} if t.error else row

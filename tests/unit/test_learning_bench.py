@@ -1,0 +1,106 @@
+"""The learning benchmark's pure parts: arms, episode budget, confidence intervals, the table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench.learning import (
+    ARMS,
+    arm_rows,
+    expand_arms,
+    label_shares,
+    last_line,
+    markdown_table,
+    mean_ci,
+    steps_for_budget,
+    wilson_interval,
+)
+
+
+def test_grpo_and_rapo_run_every_seed_single_parts_the_first():
+    specs = expand_arms(list(ARMS), [3, 4, 5])
+    by_arm = {a: [s.seed for s in specs if s.arm == a] for a in ARMS}
+    assert by_arm["grpo"] == by_arm["rapo"] == [3, 4, 5]
+    assert by_arm["adv_scaling"] == by_arm["replay"] == by_arm["pruning"] == by_arm["stage2"] == [3]
+    assert len({s.name for s in specs}) == len(specs)
+
+
+def test_single_part_arms_switch_exactly_one_part_on_top_of_grpo():
+    from cluster.config import load_config
+
+    for part in ("adv_scaling", "replay", "pruning"):
+        lc = load_config(None, list(ARMS[part])).learner
+        assert {p: lc.feature(p) for p in ("adv_scaling", "replay", "pruning")} == {
+            p: p == part for p in ("adv_scaling", "replay", "pruning")}
+    assert load_config(None, list(ARMS["stage2"])).rewards.stage == 2
+
+
+def test_unknown_arm_and_no_seed_are_refused():
+    with pytest.raises(ValueError, match="unknown arm"):
+        expand_arms(["dapo"], [0])
+    with pytest.raises(ValueError, match="seed"):
+        expand_arms(["rapo"], [])
+
+
+@given(st.integers(1, 5000), st.integers(1, 16), st.integers(2, 8))
+def test_budget_steps_cover_the_budget_by_less_than_one_batch(episodes, q, n):
+    steps = steps_for_budget(episodes, q, n)
+    assert steps * q * n >= episodes > (steps - 1) * q * n
+
+
+def test_wilson_interval_known_values():
+    # 64/128 correct: 0.5 +- 0.0851 (the textbook Wilson interval, z = 1.96).
+    lo, hi = wilson_interval(64, 128)
+    assert lo == pytest.approx(0.4149, abs=1e-3) and hi == pytest.approx(0.5851, abs=1e-3)
+    lo, hi = wilson_interval(0, 128)
+    assert lo == 0.0 and 0.02 < hi < 0.04  # never a zero-width interval at the edge
+
+
+@given(st.integers(0, 200), st.integers(1, 200))
+def test_wilson_interval_contains_the_estimate(correct, n):
+    correct = min(correct, n)
+    lo, hi = wilson_interval(correct, n)
+    assert 0.0 <= lo <= correct / n <= hi <= 1.0
+
+
+def test_mean_ci_over_seeds_is_a_t_interval():
+    mean, half = mean_ci([0.5, 0.6, 0.7], 128)
+    # sd = 0.1, t(2) = 4.303: half-width 4.303 * 0.1 / sqrt(3).
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert mean_ci([0.6, 0.6, 0.6], 128)[1] == 0.0
+    one_mean, one_half = mean_ci([0.5], 128)
+    assert one_mean == 0.5 and one_half == pytest.approx(0.0851, abs=1e-3)
+
+
+def test_label_shares():
+    rows = [{"labels": ["UNIQUESEARCH", "REDUNDANTSEARCH"]}, {"labels": ["EXPLORATION", "REDUNDANTSEARCH"]}, {}]
+    assert label_shares(rows) == {"UNIQUESEARCH": 0.25, "REDUNDANTSEARCH": 0.5, "EXPLORATION": 0.25}
+    assert label_shares([{"labels": []}]) == {}
+
+
+def _run(acc0, acc1, **kw):
+    base = {"acc_initial": acc0, "acc_final": acc1, "eval_questions": 128, "episodes": 256, "response_tokens": 300.0,
+            "tool_calls": 2.0, "replay_injections": 3, "pruned_questions": 1, "REDUNDANTSEARCH_before": 0.1,
+            "REDUNDANTSEARCH_after": 0.05, "REDUNDANTQUERY_before": 0.2, "REDUNDANTQUERY_after": 0.1}
+    return {**base, **kw}
+
+
+def test_arm_rows_table_and_last_line():
+    specs = expand_arms(["rapo", "grpo", "replay"], [0, 1])
+    results = {s: _run(0.5, 0.7 if s.arm == "rapo" else 0.6, tool_calls=3.0 if s.seed else 1.0) for s in specs}
+    rows = arm_rows(results)
+    assert [r["arm"] for r in rows] == ["rapo", "grpo", "replay"]
+    rapo = rows[0]
+    assert rapo["seeds"] == 2 and rapo["acc_final"] == pytest.approx(0.7) and rapo["ci"] == 0.0
+    assert rapo["gain"] == pytest.approx(0.2) and rapo["tool_calls"] == 2.0
+    assert rows[2]["seeds"] == 1 and rows[2]["ci"] > 0.05  # one seed: Wilson on 128 answers
+    table = markdown_table(rows)
+    assert table.count("\n") == 4 and "| rapo | 2 | 256 | 0.500 | 0.700 ± 0.000 | +0.200 |" in table
+    assert "0.100 -> 0.050" in table
+    line = last_line(rows)
+    assert line.startswith("rapo_acc_initial=0.500 rapo_acc_final=0.700 grpo_acc_final=0.600 rapo_ci=0.000 ")
+    assert line.split()[-1].startswith("grpo_ci=")
