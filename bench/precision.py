@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def warm_start_step(base: Path, samples, cfg, bf16: bool) -> float:
+def warm_start_step(base: Path, samples, cfg, bf16: bool, batch_size: int) -> float:
     """Seconds of the second supervised step (the first one also pays one-off allocations)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -38,7 +38,7 @@ def warm_start_step(base: Path, samples, cfg, bf16: bool) -> float:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     stamps: list[float] = []
     t0 = time.perf_counter()
-    supervised_warm_start(model, samples, steps=2, batch_size=ws.batch_size, lr=ws.lr, seed=ws.seed, pad_id=0,
+    supervised_warm_start(model, samples, steps=2, batch_size=batch_size, lr=ws.lr, seed=ws.seed, pad_id=0,
                           bf16=bf16, on_step=lambda s, loss: stamps.append(time.perf_counter()))
     return stamps[1] - stamps[0] if len(stamps) > 1 else stamps[0] - t0
 
@@ -47,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "deploy/configs/demo.yaml"))
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each (bf16, fp32) pair")
+    parser.add_argument("--warm-start-batch", type=int, default=None, help="default: the config's batch_size")
+    parser.add_argument("--learner-sequences", type=int, default=None, help="default: the config's step batch")
     parser.add_argument("--skip-learner", action="store_true")
     args = parser.parse_args()
 
@@ -67,10 +69,12 @@ def main() -> None:
     print(f"{len(samples)} demonstration episodes, mean {np.mean([len(s.token_ids) for s in samples]):.0f} tokens",
           flush=True)
 
+    ws_batch = args.warm_start_batch or cfg.model.warm_start.batch_size
+    n_learner = args.learner_sequences or cfg.train_batch_size
     times: dict[tuple[str, bool], list[float]] = {}
     for rep in range(args.reps):
         for bf16 in (True, False):
-            t = warm_start_step(base, samples, cfg, bf16)
+            t = warm_start_step(base, samples, cfg, bf16, ws_batch)
             times.setdefault(("warm-start step", bf16), []).append(t)
             print(f"rep {rep}: warm-start step {'bf16' if bf16 else 'fp32'} {t:.1f} s", flush=True)
 
@@ -78,11 +82,12 @@ def main() -> None:
         from learner.trainer import DistSpec, Trainer
 
         rng = np.random.default_rng(0)
-        batch = [samples[i % len(samples)] for i in range(cfg.train_batch_size)]
+        batch = [samples[i % len(samples)] for i in range(n_learner)]
         rl = [TrainSample(s.token_ids, s.loss_mask, None, float(rng.normal()), s.question_id) for s in batch]
         plans = plan_step(rl, 1, cfg.learner.mini_batches, seed=0)
         trainer = Trainer(cfg.learner, base, DistSpec(0, 1, "127.0.0.1", _free_port()),
-                          per_rank_micro_batches=cfg.micro_batches_per_rank, temperature=cfg.rollout.temperature)
+                          per_rank_micro_batches=n_learner // cfg.learner.micro_batch_size,
+                          temperature=cfg.rollout.temperature)
         try:
             trainer.train_step(plans[0])  # warm-up: DeepSpeed's first step allocates optimizer state
             for rep in range(args.reps):
@@ -94,7 +99,8 @@ def main() -> None:
         finally:
             trainer.close()
 
-    print(f"\n| operation ({cfg.train_batch_size} seqs/learner step) | bf16 autocast s | fp32 s | fp32/bf16 |")
+    print(f"\n| operation (warm start: {ws_batch} seqs, learner: {n_learner} seqs) | bf16 autocast s | fp32 s "
+          "| fp32/bf16 |")
     print("|---|---|---|---|")
     for op in dict.fromkeys(k[0] for k in times):
         b, f = statistics.median(times[(op, True)]), statistics.median(times[(op, False)])

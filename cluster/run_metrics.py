@@ -4,12 +4,14 @@ logs them): per-step metrics, cumulative judge counts, and the summary."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from cluster.config import RunConfig
 from cluster.run_state import RunState
+from learner.advantages import advantage_scale, good_groups
 from learner.groups import ScoredGroup
 from rewards.report import PoolReport
 from rollout.types import Trajectory
@@ -174,4 +176,33 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
         "model_dir": model_dir,
         "model_source": model_source,
         "errors": errors,
+    }
+
+
+def episodes_saved_by_pruning(pruned_at: Mapping[str, int], last_epoch_drawn: int, samples_per_question: int) -> int:
+    """Rollouts pruning spared: a question pruned after epoch p is not drawn in epochs p+1 .. last_epoch_drawn."""
+    return samples_per_question * sum(max(0, last_epoch_drawn - p) for p in pruned_at.values())
+
+
+def rapo_step_metrics(
+    rewards: np.ndarray, replayed: np.ndarray, *, scaling: bool, pruned_at: Mapping[str, int], last_epoch_drawn: int,
+) -> dict[str, float]:
+    """What each RAPO part did in one step, from the step's [groups, n] rewards (after replay) and replayed mask.
+
+    good_groups: groups with reward spread (a non-zero advantage); scale_factor: G / G_good as applied
+    (1 when scaling is off); injections: groups that got a stored success; pruned_questions and
+    episodes_saved_by_pruning: cumulative up to this step.
+    """
+    rewards, replayed = np.asarray(rewards, dtype=np.float64), np.asarray(replayed, dtype=bool)
+    if rewards.shape != replayed.shape or rewards.ndim != 2:
+        raise ValueError(f"rewards {rewards.shape} and replayed {replayed.shape} must be the same [groups, n] shape")
+    n_good = int(good_groups(rewards).sum())
+    return {
+        "rapo/groups": float(rewards.shape[0]),
+        "rapo/good_groups": float(n_good),
+        "rapo/scale_factor": advantage_scale(rewards) if scaling else 1.0,
+        "rapo/injections": float(replayed.any(axis=1).sum()),
+        "rapo/pruned_questions": float(len(pruned_at)),
+        "rapo/episodes_saved_by_pruning": float(
+            episodes_saved_by_pruning(pruned_at, last_epoch_drawn, rewards.shape[1])),
     }

@@ -1,0 +1,53 @@
+"""Per-step RAPO metrics: good groups, the scale factor, injections, pruning and what it saved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.run_metrics import episodes_saved_by_pruning, rapo_step_metrics
+
+
+def test_step_metrics_hand_worked():
+    rewards = np.array([[1.0, 0.1, 0.1, 0.1],   # replayed success: good
+                        [0.1, 0.1, 0.1, 0.1],   # all fail, nothing stored: bad
+                        [1.0, 1.0, 1.0, 1.0],   # all solved: bad
+                        [1.0, 0.1, 1.0, 0.1]])  # good
+    replayed = np.zeros_like(rewards, dtype=bool)
+    replayed[0, 0] = True
+    m = rapo_step_metrics(rewards, replayed, scaling=True, pruned_at={"q1": 0, "q2": 1}, last_epoch_drawn=3)
+    assert m["rapo/good_groups"] == 2 and m["rapo/groups"] == 4
+    assert m["rapo/scale_factor"] == 2.0  # G / G_good = 4 / 2
+    assert m["rapo/injections"] == 1 and m["rapo/pruned_questions"] == 2
+    # q1 skipped in epochs 1, 2, 3 and q2 in 2, 3: 5 groups of 4 rollouts.
+    assert m["rapo/episodes_saved_by_pruning"] == 20
+    off = rapo_step_metrics(rewards, replayed, scaling=False, pruned_at={}, last_epoch_drawn=0)
+    assert off["rapo/scale_factor"] == 1
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match="same"):
+        rapo_step_metrics(np.zeros((2, 4)), np.zeros((2, 3), dtype=bool), scaling=True, pruned_at={},
+                          last_epoch_drawn=0)
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=4), st.integers(0, 10), max_size=20), st.integers(0, 12),
+       st.integers(2, 8))
+def test_saved_episodes_grow_with_epochs_and_never_count_the_pruning_epoch(pruned_at, last, n):
+    saved = episodes_saved_by_pruning(pruned_at, last, n)
+    assert saved % n == 0 and saved >= 0
+    assert episodes_saved_by_pruning(pruned_at, last + 1, n) >= saved
+    # Drawn no further than the epoch a question was pruned after: nothing saved yet.
+    assert episodes_saved_by_pruning({q: last for q in pruned_at}, last, n) == 0
+
+
+@given(st.integers(1, 8), st.integers(2, 6), st.data())
+def test_scale_factor_is_groups_over_good_groups(groups, n, data):
+    rewards = np.array(data.draw(st.lists(st.lists(st.sampled_from([0.0, 0.1, 1.0]), min_size=n, max_size=n),
+                                          min_size=groups, max_size=groups)))
+    m = rapo_step_metrics(rewards, np.zeros_like(rewards, dtype=bool), scaling=True, pruned_at={}, last_epoch_drawn=0)
+    good = sum(len(set(row)) > 1 for row in rewards.tolist())
+    assert m["rapo/good_groups"] == good
+    assert m["rapo/scale_factor"] == (groups / good if good else 1.0)
