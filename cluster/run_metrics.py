@@ -186,12 +186,14 @@ def episodes_saved_by_pruning(pruned_at: Mapping[str, int], last_epoch_drawn: in
 
 def rapo_step_metrics(
     rewards: np.ndarray, replayed: np.ndarray, *, scaling: bool, pruned_at: Mapping[str, int], last_epoch_drawn: int,
+    replay_lags: list[int] | None = None,
 ) -> dict[str, float]:
     """What each RAPO part did in one step, from the step's [groups, n] rewards (after replay) and replayed mask.
 
     good_groups: groups with reward spread (a non-zero advantage); scale_factor: G / G_good as applied
     (1 when scaling is off); injections: groups that got a stored success; pruned_questions and
-    episodes_saved_by_pruning: cumulative up to this step.
+    episodes_saved_by_pruning: cumulative up to this step; replay_staleness: the mean number of policy
+    versions between a replayed trajectory's generation and this step (``replay_lags``).
     """
     rewards, replayed = np.asarray(rewards, dtype=np.float64), np.asarray(replayed, dtype=bool)
     if rewards.shape != replayed.shape or rewards.ndim != 2:
@@ -205,4 +207,13 @@ def rapo_step_metrics(
         "rapo/pruned_questions": float(len(pruned_at)),
         "rapo/episodes_saved_by_pruning": float(
             episodes_saved_by_pruning(pruned_at, last_epoch_drawn, rewards.shape[1])),
+        "rapo/replay_staleness": float(np.mean(replay_lags)) if replay_lags else 0.0,
     }
+
+
+RAPO_STEP_KEYS = ("good_groups", "scale_factor", "injections", "pruned_questions", "episodes_saved_by_pruning")
+
+
+def rapo_per_step(history: list[dict]) -> list[dict[str, float]]:
+    """The summary's per-step RAPO table: step, good groups, G/G_good, injections, pruned, episodes saved."""
+    return [{"step": h["step"], **{k: h[f"rapo/{k}"] for k in RAPO_STEP_KEYS if f"rapo/{k}" in h}} for h in history]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.run_metrics import episodes_saved_by_pruning, rapo_step_metrics
+from cluster.run_metrics import episodes_saved_by_pruning, rapo_per_step, rapo_step_metrics
 
 
 def test_step_metrics_hand_worked():
@@ -24,7 +24,20 @@ def test_step_metrics_hand_worked():
     # q1 skipped in epochs 1, 2, 3 and q2 in 2, 3: 5 groups of 4 rollouts.
     assert m["rapo/episodes_saved_by_pruning"] == 20
     off = rapo_step_metrics(rewards, replayed, scaling=False, pruned_at={}, last_epoch_drawn=0)
-    assert off["rapo/scale_factor"] == 1
+    assert off["rapo/scale_factor"] == 1 and off["rapo/replay_staleness"] == 0
+    lagged = rapo_step_metrics(rewards, replayed, scaling=True, pruned_at={}, last_epoch_drawn=0, replay_lags=[2, 5])
+    assert lagged["rapo/replay_staleness"] == 3.5
+
+
+def test_per_step_table_for_the_summary():
+    history = [{"step": 1, "reward/mean": 0.2, "rapo/good_groups": 2.0, "rapo/scale_factor": 2.0,
+                "rapo/injections": 0.0, "rapo/pruned_questions": 0.0, "rapo/episodes_saved_by_pruning": 0.0},
+               {"step": 2, "reward/mean": 0.3}]
+    assert rapo_per_step(history) == [
+        {"step": 1, "good_groups": 2.0, "scale_factor": 2.0, "injections": 0.0, "pruned_questions": 0.0,
+         "episodes_saved_by_pruning": 0.0},
+        {"step": 2},
+    ]
 
 
 def test_shapes_must_match():
