@@ -47,6 +47,7 @@ from cluster.run_metrics import (
     idle_fractions,
     judge_metrics,
     judge_tally,
+    rapo_step_metrics,
     reduce_learner,
     run_summary,
     staleness_metrics,
@@ -191,6 +192,8 @@ class Controller:
             self.rewards.ready(), self.fleet.start(cfg.rollout.num_workers),
         )
         self.learner_info, self.worker_info = results[0], results[2]
+        log.info("learner precision: %s (%s)", self.learner_info[0].get("precision"),
+                 self.learner_info[0].get("precision_reason"))
         if resumed_tag:
             self.phase = "restoring checkpoint"
             await self.learner.load_checkpoint(str(self.output_dir / "checkpoints"), resumed_tag)
@@ -201,7 +204,7 @@ class Controller:
             await self._publish_weights()
         self.tracker = Tracker(self.ctx.tracking_uri, cfg.tracking.experiment, self.output_dir)
         self.state.mlflow_run_id = self.tracker.start(
-            cfg.tracking.run_name or self.ctx.run_id, flatten(cfg),
+            cfg.tracking.run_name or self.ctx.run_id, {**flatten(cfg), **self._precision()},
             tags={"rapo.run_id": self.ctx.run_id, "rapo.engine": self.engine_kind, "rapo.mode": cfg.pipeline.mode,
                   "rapo.weights": self.weight_transport,
                   "rapo.algorithm": cfg.learner.algorithm},
@@ -210,6 +213,11 @@ class Controller:
         await self._write_actor_table()
         return {"mlflow_run_id": self.state.mlflow_run_id, "workers": self.worker_info, "learners": self.learner_info,
                 "resumed_at_step": self.state.step if resumed_tag else None}
+
+    def _precision(self) -> dict[str, str]:
+        """The compute precision chosen for the learner and the warm start (from the CPU's bf16 support)."""
+        return {"precision.learner": self.learner_info[0].get("precision", "") if self.learner_info else "",
+                "precision.warm_start": self.ctx.model_meta.get("precision", "")}
 
     def _groups_per_worker(self) -> int:
         p, r = self.cfg.pipeline, self.cfg.rollout
@@ -318,6 +326,7 @@ class Controller:
         draw = self.scheduler.next_batch(1)
         qid = draw.ids[0]
         epoch = draw.epochs[qid]
+        self.state.last_epoch_drawn = max(self.state.last_epoch_drawn, epoch)
         self.state.group_counter += 1
         self.state.counts["admitted"] += 1
         group_id = f"g{self.state.group_counter}"
@@ -407,7 +416,10 @@ class Controller:
         await self.pruning.record(group.epoch, group.group_id, outcomes)
         ledger.settle(group.epoch, group.group_id)
         for epoch in ledger.closable():
-            newly = await self.pruning.finish_epoch(epoch)
+            # A small pool keeps at least one step's worth of questions.
+            keep = self.cfg.pipeline.questions_per_step
+            newly = await self.pruning.finish_epoch(epoch, max_prune=self.scheduler.active - keep)
+            self.state.pruned_at.update(dict.fromkeys(newly, epoch))
             self.pruned_questions |= newly
             self.scheduler.prune(newly)
             ledger.closed(epoch)
@@ -472,6 +484,12 @@ class Controller:
 
     async def _log_step(self, step: int, groups: list[ScoredGroup], train: dict, timings: dict[str, float]) -> None:
         metrics = step_metrics(step, self.state.version, groups, train, timings)
+        metrics.update(rapo_step_metrics(
+            np.stack([g.rewards for g in groups]), np.array([[m.replayed for m in g.members] for g in groups]),
+            scaling=self.use_scaling, pruned_at=self.state.pruned_at, last_epoch_drawn=self.state.last_epoch_drawn,
+            replay_lags=[self.state.version - 1 - m.policy_version_start for g in groups for m in g.members
+                         if m.replayed],
+        ))
         metrics.update(self._pipeline_metrics())
         metrics.update(await self._judge_metrics())
         metrics["queue/groups_depth"] = await self.stream.depth()
@@ -746,6 +764,7 @@ class Controller:
             left_queued=await self.stream.depth() if self.redis is not None else 0,
             running=len(self.running), requeued=len(self.requeue), wall_time_s=self._wall_time_s(),
             model_dir=self.ctx.model_dir, model_source=self.ctx.model_meta.get("source", "path"), errors=self.errors,
+            precision=self._precision(),
         )
         broadcaster = self.fleet.broadcaster if self.fleet is not None else None
         summary.update(weights_transport=self.weight_transport,

@@ -122,7 +122,8 @@ def mean_of(history: list[dict[str, Any]], key: str) -> float | None:
 def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, engine_kind: str, fleet_size: int,
                 worker_restarts: int, eval_questions: int, replay_stored: int, judge_stats: dict[str, float],
                 judge_tally: Counter, pruned_questions: int, left_queued: int, running: int, requeued: int,
-                wall_time_s: float, model_dir: str, model_source: str, errors: list[str]) -> dict[str, Any]:
+                wall_time_s: float, model_dir: str, model_source: str, errors: list[str],
+                precision: dict[str, str] | None = None) -> dict[str, Any]:
     """summary.json: what the run did, its accuracy before and after, and its group bookkeeping."""
     n = cfg.pipeline.samples_per_question
     first = state.evals[0] if state.evals else {}
@@ -157,6 +158,8 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
         "replay_injections": state.replay_injections,
         "replay_stored": replay_stored,
         "pruned_questions": pruned_questions,
+        "episodes_saved_by_pruning": int(steps[-1].get("rapo/episodes_saved_by_pruning", 0)) if steps else 0,
+        "rapo_per_step": rapo_per_step(steps),
         "reward_stage": cfg.rewards.stage,
         "judge": "llm" if cfg.rewards.judge else "rule",
         "judge_requests": judge_stats.get("requests", 0),
@@ -175,6 +178,7 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
         "wall_time_s": wall_time_s,
         "model_dir": model_dir,
         "model_source": model_source,
+        "precision": precision or {},
         "errors": errors,
     }
 

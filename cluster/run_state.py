@@ -48,6 +48,10 @@ class RunState:
     staleness: Counter = field(default_factory=Counter)  # groups per policy-version lag
     learner_restarts: int = 0
     scheduler: SchedulerState = field(default_factory=SchedulerState)
+    # RAPO pruning: the epoch after which each question was pruned, and the newest epoch drawn from
+    # (together: the rollouts pruning spared).
+    pruned_at: dict[str, int] = field(default_factory=dict)
+    last_epoch_drawn: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +62,8 @@ class RunState:
             "in_flight": [asdict(g) for g in self.in_flight],
             "pruning_epochs": self.pruning_epochs.to_dict(),
             "trained_group_ids": sorted(self.trained_group_ids), "staleness": dict(self.staleness),
-            "learner_restarts": self.learner_restarts,
+            "learner_restarts": self.learner_restarts, "pruned_at": self.pruned_at,
+            "last_epoch_drawn": self.last_epoch_drawn,
         }
 
     @classmethod
@@ -71,6 +76,8 @@ class RunState:
             pruning_epochs=EpochLedger.from_dict(d["pruning_epochs"]), trained_group_ids=set(d["trained_group_ids"]),
             staleness=Counter({int(k): v for k, v in d["staleness"].items()}),
             learner_restarts=d["learner_restarts"], scheduler=SchedulerState(**d["scheduler"]),
+            # Checkpoints written before pruning epochs were kept have neither: start them empty.
+            pruned_at=dict(d.get("pruned_at", {})), last_epoch_drawn=d.get("last_epoch_drawn", 0),
         )
 
     def save(self, root: Path, tag: str) -> None:

@@ -21,12 +21,20 @@ def _state() -> RunState:
         group_counter=9, in_flight=[PendingGroup("g8", "q1", 1), PendingGroup("g3r", "q2", 0)],
         pruning_epochs=EpochLedger({0: {"g7"}, 1: {"g8", "g9"}}, {0}), trained_group_ids={"g1", "g2"},
         staleness=Counter({0: 5, 2: 1}), learner_restarts=1, scheduler=SchedulerState(1, 3, ["q9"]),
+        pruned_at={"q9": 0}, last_epoch_drawn=1,
     )
 
 
 def test_round_trip_through_json_keeps_every_field():
     state = _state()
     assert RunState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_a_checkpoint_from_before_pruning_epochs_loads_with_none_recorded():
+    old = _state().to_dict()
+    del old["pruned_at"], old["last_epoch_drawn"]
+    state = RunState.from_dict(old)
+    assert state.pruned_at == {} and state.last_epoch_drawn == 0
 
 
 def test_save_moves_latest_and_load_reads_it_back(tmp_path):
@@ -71,6 +79,7 @@ def test_summary_counts_lost_and_leftover_episodes():
     assert s["lost_episodes"] == n and s["leftover_episodes"] == 2 * n and s["learner"] == cfg.learner.backend
     assert s["accuracy_initial"] == 0.25 and s["accuracy_final"] is None
     assert s["staleness_histogram"] == {"0": 5, "2": 1}
+    assert s["precision"] == {} and s["rapo_per_step"] == [{"step": 1}] and s["episodes_saved_by_pruning"] == 0
 
 
 def test_groups_dropped_after_failing_are_counted_not_lost():
