@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--warm-start-batch", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--learner-sequences", type=int, default=None, help="default: the config's step batch")
     parser.add_argument("--skip-learner", action="store_true")
+    parser.add_argument("--skip-warm-start", action="store_true")
     args = parser.parse_args()
 
     import numpy as np
@@ -72,7 +73,7 @@ def main() -> None:
     ws_batch = args.warm_start_batch or cfg.model.warm_start.batch_size
     n_learner = args.learner_sequences or cfg.train_batch_size
     times: dict[tuple[str, bool], list[float]] = {}
-    for rep in range(args.reps):
+    for rep in range(0 if args.skip_warm_start else args.reps):
         for bf16 in (True, False):
             t = warm_start_step(base, samples, cfg, bf16, ws_batch)
             times.setdefault(("warm-start step", bf16), []).append(t)
