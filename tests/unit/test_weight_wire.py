@@ -25,7 +25,7 @@ def test_buckets_keep_order_and_bound_size(dims, bucket_bytes, dtype):
 @settings(deadline=None, max_examples=30)
 @given(shapes)
 def test_packed_views_round_trip(dims):
-    tensors = {f"p{i}": torch.randn(d) for i, d in enumerate(dims)}
+    tensors = {f"p{i}": torch.randn(d, dtype=torch.float32) for i, d in enumerate(dims)}
     plan = plan_buckets([(n, "float32", list(t.shape)) for n, t in tensors.items()], 4096)
     for bucket in plan.buckets():
         buffer = torch.empty(layout(bucket)[1], dtype=torch.uint8)
