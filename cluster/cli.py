@@ -297,15 +297,26 @@ def cmd_scale(args) -> int:
 def cmd_status(args) -> int:
     import ray
 
+    from cluster.status_view import job_status_view, run_status_view
+
     if args.job_id:
         from cluster.jobs import job_status
 
-        print(json.dumps(job_status(args.address, args.job_id), indent=2))
+        info = job_status(args.address, args.job_id)
+        _print_status(info, job_status_view, args.json)
         return 0
     controller = _connect(args.address, args.namespace)
     status, actors = ray.get([controller.status.remote(), controller.actors.remote()])
-    print(json.dumps({**status, "actors": actors}, indent=2, default=str))
+    _print_status({**status, "actors": actors}, run_status_view, args.json)
     return 0
+
+
+def _print_status(status: dict, view, as_json: bool) -> None:
+    """The raw dict for scripts (--json), else the table on stdout."""
+    if as_json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        Console().print(view(status))
 
 
 def cmd_submit(args) -> int:
@@ -369,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("job_id", nargs="?", help="a Ray job id (from `rapo submit`); omit for the live run")
     status.add_argument("--address", help="Ray address (jobs: the dashboard URL, http://HEAD:8265)")
     status.add_argument("--namespace", default="rapo")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON (for scripts)")
     status.set_defaults(func=cmd_status)
 
     submit = sub.add_parser("submit", help="submit `rapo run CONFIG` as a Ray job (uploads this repository)")

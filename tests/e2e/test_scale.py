@@ -16,11 +16,15 @@ pytestmark = pytest.mark.slow
 STEPS = 30
 
 
-def _scale(n: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--rollout-workers", str(n)], cwd=REPO, capture_output=True,
+def _cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def _scale(n: int) -> dict:
+    return json.loads(_cli("scale", "--rollout-workers", str(n)).strip().splitlines()[-1])
 
 
 def test_scale_up_and_down_while_training(rapo, tmp_path):
@@ -33,6 +37,12 @@ def test_scale_up_and_down_while_training(rapo, tmp_path):
     assert status["rollout_workers"] == 2
     names = sorted(a["name"] for a in _read(run / "actors.json")["rollout"])
     assert names == ["rollout-0", "rollout-1"]
+    # `rapo status` shows both workers (--json: the controller's own status and actors).
+    live = json.loads(_cli("status", "--json"))
+    assert [w["name"] for w in live["actors"]["rollout"]] == names and live["rollout_workers"] == 2
+    assert live["step"] >= status["step"] and live["phase"]
+    table = _cli("status").splitlines()
+    assert all(any(name in ln and "ready" in ln for ln in table) for name in names), table
 
     down = _scale(1)
     assert down["draining"] == ["rollout-1"]

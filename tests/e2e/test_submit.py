@@ -76,9 +76,12 @@ def test_submit_wait_then_status(ray_head, tmp_path):
                 "--wait", timeout=900)
     assert sub.returncode == 0, sub.stderr[-4000:]
     job_id = sub.stdout.strip().splitlines()[0]
-    status = _rapo("status", job_id, "--address", ray_head, timeout=60)
+    status = _rapo("status", job_id, "--address", ray_head, "--json", timeout=60)
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
+    table = _rapo("status", job_id, "--address", ray_head, timeout=60)  # what an operator reads
+    assert table.returncode == 0, table.stderr
+    assert job_id in table.stdout and any("status" in ln and "SUCCEEDED" in ln for ln in table.stdout.splitlines())
     assert info["status"] == "SUCCEEDED" and "cluster.cli run" in info["entrypoint"] and "ray.address=auto" in info["entrypoint"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
