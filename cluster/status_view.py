@@ -43,7 +43,8 @@ def actor_rows(actors: dict) -> list[tuple[str, str, str, str, str, str]]:
         detail = f"in flight {w.get('in_flight', 0)}, restarts {w.get('restarts', 0)}"
         if w.get("engine"):
             detail = f"{w['engine']}, {detail}"
-        rows.append(("rollout", w["name"], _rollout_state(w), _num(w.get("pid")), _short_node(w.get("node_id")), detail))
+        rows.append(("rollout", w["name"], _rollout_state(w), _num(w.get("pid")), _short_node(w.get("node_id")),
+                     detail))
     for r in actors.get("learner") or []:
         rows.append(("learner", f"learner-{r.get('rank', '?')}", "alive", _num(r.get("pid")),
                      _short_node(r.get("node_id")), "gpu" if r.get("gpu") else "cpu"))
