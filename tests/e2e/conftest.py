@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,35 @@ def mlflow_run(output_dir: Path, run_id: str):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
     return client, client.get_run(run_id)
+
+
+# The shared smoke run: long enough to watch live (dashboard, metrics endpoint, two policy versions
+# after the first metrics), with periodic evals that are not also the final one.
+SMOKE_STEPS, SMOKE_EVAL_EVERY = 12, 5
+
+
+@dataclass
+class FinishedRun:
+    out: Path  # the run folder
+    code: int  # the CLI's exit code
+    output: str  # what the CLI printed
+    gone: bool  # every process it started ended within 60 s of its exit
+    live: dict  # what was seen while it ran (tests/e2e/live_run.py: observe)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Iterator[FinishedRun]:
+    """One `rapo run deploy/configs/smoke.yaml` shared by the tests that only read what it showed while it
+    ran and what it left (test_smoke_run, test_dashboard_metrics): one start-up and one run instead of two."""
+    from tests.e2e.live_run import METRICS_ENV, observe
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    p = RapoProcess(["run", "deploy/configs/smoke.yaml", "--output-dir", str(out), f"pipeline.steps={SMOKE_STEPS}",
+                     f"pipeline.eval_every={SMOKE_EVAL_EVERY}"], env=METRICS_ENV)
+    try:
+        live = observe(out, p, SMOKE_STEPS)
+        code = p.wait(timeout=900)
+        yield FinishedRun(out=out, code=code, output=p.output, gone=p.group_gone(timeout=30), live=live)
+    finally:
+        p.kill()
+        os.unlink(p.log.name)

@@ -20,6 +20,7 @@ def test_resumed_run_matches_the_uninterrupted_one(rapo, tmp_path):
     assert a.wait(timeout=900) == 0, a.output[-3000:]
     b = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(part), "pipeline.steps=2", *common)
     assert b.wait(timeout=900) == 0, b.output[-3000:]
+    first_run_id = json.loads((part / "summary.json").read_text())["mlflow_run_id"]
     c = rapo("run", "deploy/configs/smoke.yaml", "--resume", str(part), "pipeline.steps=4", *common)
     assert c.wait(timeout=900) == 0, c.output[-3000:]
     assert "resuming run" in c.output
@@ -38,4 +39,4 @@ def test_resumed_run_matches_the_uninterrupted_one(rapo, tmp_path):
         for key in ("train/response_tokens", "train/episode_tokens", "learner/entropy", "reward/mean"):
             assert hb[step][key] == pytest.approx(ha[step][key], rel=0.05, abs=1e-6), (step, key)
     # The resumed run continued the same MLflow run.
-    assert summary["mlflow_run_id"] == json.loads((part / "summary.json").read_text())["mlflow_run_id"]
+    assert summary["mlflow_run_id"] == first_run_id

@@ -1,4 +1,4 @@
-"""`rapo run deploy/configs/smoke.yaml` end to end: every real component, a few steps."""
+"""`rapo run deploy/configs/smoke.yaml` end to end: every real component, a few steps (the shared smoke run)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import signal
 
 import pytest
 
-from tests.e2e.conftest import mlflow_run
+from tests.e2e.conftest import SMOKE_EVAL_EVERY, SMOKE_STEPS, mlflow_run
 
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
-    out = tmp_path / "run"
-    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(out), "pipeline.eval_every=2")
-    code = p.wait(timeout=900)
-    assert code == 0, p.output[-4000:]
+def test_smoke_run_completes_and_cleans_up(smoke_run):
+    out = smoke_run.out
+    assert smoke_run.code == 0, smoke_run.output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    steps = 3
+    steps = SMOKE_STEPS
     assert summary["status"] == "completed"
     assert summary["steps"] == steps
     assert summary["engine"] == "vllm" and summary["learner"] == "deepspeed"
@@ -40,16 +38,18 @@ def test_smoke_run_completes_and_cleans_up(rapo, tmp_path):
         history = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in history] == list(range(1, steps + 1)), metric
     # Held-out evals: before training, every eval_every steps, and after the last step.
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [0, 2, steps]
-    assert sorted(f.name for f in (out / "eval").iterdir()) == ["step-0000.jsonl", "step-0002.jsonl", "step-0003.jsonl"]
+    evals = [0, *range(SMOKE_EVAL_EVERY, steps, SMOKE_EVAL_EVERY), steps]
+    assert evals == [0, 5, 10, 12]  # periodic evals, and a final one that is not also periodic
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == evals
+    assert sorted(f.name for f in (out / "eval").iterdir()) == [f"step-{s:04d}.jsonl" for s in evals]
     # The final policy is a model folder next to the run (what `rapo eval` loads).
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f.name for f in (out / "policy").iterdir()}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "reward_curve.png", "history.json"} <= artifacts
 
     # Everything the run started (Ray, Redis, vLLM, learners) is gone with it.
-    assert p.group_gone(timeout=30)
-    redis_pid = int(re.search(r"redis: \S+ \(pid (\d+)", p.output).group(1))
+    assert smoke_run.gone
+    redis_pid = int(re.search(r"redis: \S+ \(pid (\d+)", smoke_run.output).group(1))
     assert not _alive(redis_pid)
 
 
