@@ -6,6 +6,7 @@ to all ranks at once and awaited together; calling ranks one after another deadl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -33,7 +34,9 @@ class LearnerWorker:
         """Address and a free port on this node, for rank 0 to host the process group."""
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, cfg, model_dir: str, master_addr: str, master_port: int, per_rank_micro_batches: int, temperature: float) -> dict:
+    def setup(
+        self, cfg, model_dir: str, master_addr: str, master_port: int, per_rank_micro_batches: int, temperature: float
+    ) -> dict:
         if cfg.backend == "simulated":
             from learner.sim_trainer import SimulatedTrainer
 
@@ -42,11 +45,18 @@ class LearnerWorker:
             from learner.trainer import DistSpec, Trainer
 
             dist = DistSpec(self.rank, self.world_size, master_addr, master_port)
-            self.trainer = Trainer(cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature)
+            self.trainer = Trainer(
+                cfg, Path(model_dir), dist, per_rank_micro_batches=per_rank_micro_batches, temperature=temperature
+            )
         precision = getattr(self.trainer, "precision", None)
-        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "gpu": self.trainer.gpu, "precision": precision.name if precision else "simulated",
-                "precision_reason": precision.reason if precision else ""}
+        return {
+            "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "gpu": self.trainer.gpu,
+            "precision": precision.name if precision else "simulated",
+            "precision_reason": precision.reason if precision else "",
+        }
 
     def train_step(self, plan: RankPlan) -> dict:
         return self.trainer.train_step(plan)
@@ -84,10 +94,8 @@ class LearnerWorker:
     def close_weight_group(self) -> None:
         group = getattr(self, "_weight_group", None)
         if group is not None:
-            try:
+            with contextlib.suppress(Exception):  # peers that died leave nothing to shut down cleanly
                 group.shutdown()
-            except Exception:  # peers that died leave nothing to shut down cleanly
-                pass
         self._weight_group = None
 
     def send_weights(self, plan: dict) -> int:
@@ -123,8 +131,9 @@ class LearnerGroup:
         self.cfg = cfg
         self.world_size = cfg.num_ranks
         self.workers = [
-            LearnerWorker.options(name=f"learner-{r}", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(cfg.resources) or None)
-            .remote(r, self.world_size)
+            LearnerWorker.options(
+                name=f"learner-{r}", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(cfg.resources) or None
+            ).remote(r, self.world_size)
             for r in range(self.world_size)
         ]
         self.node_id = None

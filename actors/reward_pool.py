@@ -65,7 +65,9 @@ class RewardLabeller:
         results = await asyncio.gather(*(one(*item) for item in items))
         self.scored += len(results)
         # Dashboard: recorded here, in the process that judges (rapo_judge_latency_seconds, rapo_judge_errors_total).
-        failures = ray_metrics.new_counts(self.judge.stats.failures, self.failures_seen) if self.judge is not None else {}
+        failures = (
+            ray_metrics.new_counts(self.judge.stats.failures, self.failures_seen) if self.judge is not None else {}
+        )
         ray_metrics.record_judge([score.latency_s for _, score in results], failures)
         return list(results)
 
@@ -81,7 +83,12 @@ class RewardLabeller:
     def info(self) -> dict:
         import os
 
-        return {"name": self.name, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "scored": self.scored}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "scored": self.scored,
+        }
 
     async def close(self) -> None:
         if self.judge is not None:
@@ -89,7 +96,9 @@ class RewardLabeller:
 
 
 class RewardPool:
-    def __init__(self, actors: list, *, chunk_size: int = 4, chunks_in_flight_per_actor: int = 4, max_attempts: int = 5):
+    def __init__(
+        self, actors: list, *, chunk_size: int = 4, chunks_in_flight_per_actor: int = 4, max_attempts: int = 5
+    ):
         self.actors = actors
         self.chunk_size = chunk_size
         self.per_actor = chunks_in_flight_per_actor
@@ -102,27 +111,42 @@ class RewardPool:
         self._freed_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def create(cls, cfg, *, redis_url: str | None, redis_password: str | None, namespace: str) -> "RewardPool":
+    def create(cls, cfg, *, redis_url: str | None, redis_password: str | None, namespace: str) -> RewardPool:
         """``cfg`` is the RewardsConfig section."""
         spec = cfg.spec()
         actors = [
             RewardLabeller.options(
-                name=f"judge-{i}", num_cpus=cfg.num_cpus_per_actor, resources=dict(cfg.resources) or None, max_restarts=-1,
+                name=f"judge-{i}",
+                num_cpus=cfg.num_cpus_per_actor,
+                resources=dict(cfg.resources) or None,
+                max_restarts=-1,
                 max_task_retries=0,
             ).remote(
-                f"judge-{i}", spec, cfg.judge, cfg.uses_llm_labels(), redis_url if cfg.cache else None, redis_password,
-                namespace, cfg.max_in_flight_per_actor,
+                f"judge-{i}",
+                spec,
+                cfg.judge,
+                cfg.uses_llm_labels(),
+                redis_url if cfg.cache else None,
+                redis_password,
+                namespace,
+                cfg.max_in_flight_per_actor,
             )
             for i in range(cfg.num_actors)
         ]
-        return cls(actors, chunk_size=cfg.chunk_size, chunks_in_flight_per_actor=max(1, cfg.max_in_flight_per_actor // cfg.chunk_size))
+        return cls(
+            actors,
+            chunk_size=cfg.chunk_size,
+            chunks_in_flight_per_actor=max(1, cfg.max_in_flight_per_actor // cfg.chunk_size),
+        )
 
     async def ready(self) -> list[str]:
         return list(await asyncio.gather(*(a.ping.remote() for a in self.actors)))
 
     async def describe(self) -> list[dict]:
         infos = await asyncio.gather(*(a.info.remote() for a in self.actors), return_exceptions=True)
-        return [i if isinstance(i, dict) else {"name": f"judge-{n}", "error": type(i).__name__} for n, i in enumerate(infos)]
+        return [
+            i if isinstance(i, dict) else {"name": f"judge-{n}", "error": type(i).__name__} for n, i in enumerate(infos)
+        ]
 
     async def score(self, trajs: list[Trajectory], questions: dict[str, Question]) -> PoolReport:
         """Sets reward, correct and labels on every trajectory (in place)."""
@@ -170,7 +194,9 @@ class RewardPool:
                         report.actor_failures += 1
                         ray_metrics.record_judge(errors={"actor_failure": 1})
                         if tries + 1 >= self.max_attempts:
-                            raise RuntimeError(f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}") from e
+                            raise RuntimeError(
+                                f"judge-{actor} failed {self.max_attempts} times scoring a chunk: {e}"
+                            ) from e
                         report.resubmitted += len(items)
                         # First in line for a live actor; the dead one is probed until Ray has restarted it.
                         chunks.appendleft((items, tries + 1))

@@ -61,8 +61,15 @@ class WorkerSlot:
 
 
 class RolloutFleet:
-    def __init__(self, make_worker: Callable[[str], object], *, groups_per_worker: int, weight_sync_timeout_s: float = 300,
-                 start_timeout_s: float = 600, broadcaster: WeightBroadcaster | None = None):
+    def __init__(
+        self,
+        make_worker: Callable[[str], object],
+        *,
+        groups_per_worker: int,
+        weight_sync_timeout_s: float = 300,
+        start_timeout_s: float = 600,
+        broadcaster: WeightBroadcaster | None = None,
+    ):
         self.make_worker = make_worker
         # weights.transport gloo / nccl: versions are broadcast; None: each worker loads a file.
         self.broadcaster = broadcaster
@@ -91,7 +98,7 @@ class RolloutFleet:
         """Wait until the actor answers, give it the current weights, put it in the rotation."""
         try:
             slot.info = await asyncio.wait_for(slot.handle.info.remote(), self.start_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.slots.pop(slot.name, None)
             ray.kill(slot.handle)
             raise RuntimeError(
@@ -120,9 +127,13 @@ class RolloutFleet:
                 slot.draining = True
                 removed.append(slot.name)
                 asyncio.ensure_future(self._retire(slot))
-        return {"added": added, "draining": removed, "workers": n,
-                "versions": {s.name: s.version for s in self.slots.values()},
-                "current_version": self.current.version if self.current is not None else 0}
+        return {
+            "added": added,
+            "draining": removed,
+            "workers": n,
+            "versions": {s.name: s.version for s in self.slots.values()},
+            "current_version": self.current.version if self.current is not None else 0,
+        }
 
     async def _retire(self, slot: WorkerSlot) -> None:
         async with self.changed:
@@ -130,10 +141,8 @@ class RolloutFleet:
         # Never in the middle of a push: the weight group would lose a member mid-broadcast.
         async with self.broadcaster.lock if self.broadcaster is not None else contextlib.nullcontext():
             self.slots.pop(slot.name, None)
-        try:
+        with contextlib.suppress(Exception):  # stopping anyway
             await asyncio.wait_for(slot.handle.shutdown.remote(), 30)
-        except Exception:  # stopping anyway
-            pass
         ray.kill(slot.handle)
 
     @property
@@ -143,7 +152,9 @@ class RolloutFleet:
     # ---- running groups -----------------------------------------------------------------------
     async def _acquire(self) -> WorkerSlot:
         def free():
-            ready = [s for s in self.slots.values() if s.ready and not s.draining and s.in_flight < self.groups_per_worker]
+            ready = [
+                s for s in self.slots.values() if s.ready and not s.draining and s.in_flight < self.groups_per_worker
+            ]
             return min(ready, key=lambda s: (s.in_flight, s.name)) if ready else None
 
         async with self.changed:
@@ -212,7 +223,7 @@ class RolloutFleet:
             seconds = await asyncio.wait_for(slot.handle.load_weights.remote(ref), self.weight_sync_timeout_s)
             slot.version = ref.version
             return seconds
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise WeightSyncTimeout(
                 f"{slot.name} did not load weights v{ref.version} within {self.weight_sync_timeout_s:.0f} s "
                 f"(node {slot.info.get('host')}, pid {slot.info.get('pid')})"
@@ -277,9 +288,17 @@ class RolloutFleet:
 
     def describe(self) -> list[dict]:
         return [
-            {"name": s.name, "ready": s.ready, "version": s.version, "draining": s.draining, "in_flight": s.in_flight,
-             "restarts": s.restarts,
-             "pid": s.info.get("pid"), "node_id": s.info.get("node_id"), "engine": s.info.get("engine")}
+            {
+                "name": s.name,
+                "ready": s.ready,
+                "version": s.version,
+                "draining": s.draining,
+                "in_flight": s.in_flight,
+                "restarts": s.restarts,
+                "pid": s.info.get("pid"),
+                "node_id": s.info.get("node_id"),
+                "engine": s.info.get("engine"),
+            }
             for s in sorted(self.slots.values(), key=lambda s: s.name)
         ]
 

@@ -22,8 +22,17 @@ from rollout.weights import WeightRef
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, name: str, engine_kind: str, spec: EngineSpec, limits: EpisodeLimits, tools, documents, weights_dir: str,
-                 redis: tuple[str, str | None, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        engine_kind: str,
+        spec: EngineSpec,
+        limits: EpisodeLimits,
+        tools,
+        documents,
+        weights_dir: str,
+        redis: tuple[str, str | None, str] | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.name = name

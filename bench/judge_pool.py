@@ -80,31 +80,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     p.add_argument("--trajectories", type=int, default=1000, help="trajectories scored in the timed run")
     p.add_argument("--actors", type=int, default=4, help="reward-labeller actors (rewards.num_actors)")
-    p.add_argument("--in-flight-per-actor", type=int, default=16,
-                   help="HTTP calls one actor keeps open: judge.max_in_flight (and the floor of rewards.max_in_flight_per_actor)")
-    p.add_argument("--queue-per-actor", type=int, default=16,
-                   help="trajectories dealt to each actor beyond its HTTP slots: rewards.max_in_flight_per_actor = "
-                        "in-flight-per-actor + this, judge.max_in_flight = in-flight-per-actor, so a freed HTTP slot "
-                        "is refilled inside the actor instead of after a Ray round trip to the pool (0: no queue)")
-    p.add_argument("--chunk-size", type=int, default=4,
-                   help="rewards.chunk_size: trajectories per actor call (the pool keeps max_in_flight_per_actor // "
-                        "chunk_size chunks per actor; a chunk returns when its slowest trajectory is done)")
-    p.add_argument("--group-size", type=int, default=0,
-                   help="score the batch as concurrent pool.score calls of this many trajectories, as the controller "
-                        "does (one call per group); 0: one call for the whole batch")
+    p.add_argument(
+        "--in-flight-per-actor",
+        type=int,
+        default=16,
+        help="HTTP calls one actor keeps open: judge.max_in_flight (and the floor of rewards.max_in_flight_per_actor)",
+    )
+    p.add_argument(
+        "--queue-per-actor",
+        type=int,
+        default=16,
+        help="trajectories dealt to each actor beyond its HTTP slots: rewards.max_in_flight_per_actor = "
+        "in-flight-per-actor + this, judge.max_in_flight = in-flight-per-actor, so a freed HTTP slot "
+        "is refilled inside the actor instead of after a Ray round trip to the pool (0: no queue)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=4,
+        help="rewards.chunk_size: trajectories per actor call (the pool keeps max_in_flight_per_actor // "
+        "chunk_size chunks per actor; a chunk returns when its slowest trajectory is done)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=0,
+        help="score the batch as concurrent pool.score calls of this many trajectories, as the controller "
+        "does (one call per group); 0: one call for the whole batch",
+    )
     p.add_argument("--latency", type=float, default=0.2, help="server latency per chat request, seconds")
     p.add_argument("--error-rate", type=float, default=0.05, help="fraction of requests answered 429 or 500")
-    p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="2: answer + step labels, two calls per trajectory")
+    p.add_argument(
+        "--stage", type=int, choices=(1, 2), default=1, help="2: answer + step labels, two calls per trajectory"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the server's fault choice")
     p.add_argument("--max-retries", type=int, default=4, help="judge.max_retries")
-    p.add_argument("--backoff-base", type=float, default=0.05, help="judge.backoff_base_s (equal jitter, doubled per retry)")
+    p.add_argument(
+        "--backoff-base", type=float, default=0.05, help="judge.backoff_base_s (equal jitter, doubled per retry)"
+    )
     p.add_argument("--backoff-max", type=float, default=1.0, help="judge.backoff_max_s")
     p.add_argument("--timeout", type=float, default=10.0, help="judge.timeout_s")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up trajectories (default: the total concurrency)")
-    p.add_argument("--kill-actor", action="store_true", help="kill judge-0 (Ray restarts it) once a third of the calls are done")
-    p.add_argument("--timeline", action="store_true",
-                   help="where the capacity went (busy, ramp, batch tail, client overhead, dispatch gaps, backoff) and "
-                        "the server's mean in-flight per 100 ms of the timed run")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed warm-up trajectories (default: the total concurrency)"
+    )
+    p.add_argument(
+        "--kill-actor", action="store_true", help="kill judge-0 (Ray restarts it) once a third of the calls are done"
+    )
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="where the capacity went (busy, ramp, batch tail, client overhead, dispatch gaps, backoff) and "
+        "the server's mean in-flight per 100 ms of the timed run",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: os.cpu_count())")
     args = p.parse_args(argv)
     for name in ("trajectories", "actors", "in_flight_per_actor", "chunk_size"):
@@ -135,13 +162,37 @@ def make_batch(n: int, tag: str, stage: int):
         q = Question(qid, f"Who founded the settlement {tag}-{i}?", f"Founder {tag} {i}")
         questions[qid] = q
         calls = [
-            ToolCall("search_urls", {"query": f"settlement {tag}-{i} founder"}, urls=[f"https://a.example/{tag}/{i}", f"https://b.example/{tag}/{i}"]),
-            ToolCall("query_url", {"url": f"https://a.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"}, urls=[f"https://a.example/{tag}/{i}"]),
-            ToolCall("query_url", {"url": f"https://b.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"}, urls=[f"https://b.example/{tag}/{i}"]),
+            ToolCall(
+                "search_urls",
+                {"query": f"settlement {tag}-{i} founder"},
+                urls=[f"https://a.example/{tag}/{i}", f"https://b.example/{tag}/{i}"],
+            ),
+            ToolCall(
+                "query_url",
+                {"url": f"https://a.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"},
+                urls=[f"https://a.example/{tag}/{i}"],
+            ),
+            ToolCall(
+                "query_url",
+                {"url": f"https://b.example/{tag}/{i}", "goal": f"founder of {tag}-{i}"},
+                urls=[f"https://b.example/{tag}/{i}"],
+            ),
         ][: 1 + i % 3]
         answer = q.answer if i % 2 == 0 else f"Impostor {tag} {i}"
-        trajs.append(Trajectory(qid, 0, [1, 2, 3], [0, 1, 1], [0.0, -0.1, -0.2], 1, tool_calls=calls, answer=answer,
-                                format_ok=i % 4 != 3, num_turns=len(calls) + 1))
+        trajs.append(
+            Trajectory(
+                qid,
+                0,
+                [1, 2, 3],
+                [0, 1, 1],
+                [0.0, -0.1, -0.2],
+                1,
+                tool_calls=calls,
+                answer=answer,
+                format_ok=i % 4 != 3,
+                num_turns=len(calls) + 1,
+            )
+        )
     return trajs, questions
 
 
@@ -155,8 +206,17 @@ def expected_reward(traj, question, spec) -> float:
     if spec.stage == 1:
         return stage1_reward(traj.format_ok, correct, spec.format_weight)
     labels = rule_labels(traj.tool_calls, budget_verification=spec.budget_verification)
-    return stage2_reward(traj.format_ok, correct, labels, format_weight=spec.format_weight, c_search=spec.c_search,
-                         c_query=spec.c_query, cap_search=spec.cap_search, cap_query=spec.cap_query, clamp_delta=spec.clamp_delta)
+    return stage2_reward(
+        traj.format_ok,
+        correct,
+        labels,
+        format_weight=spec.format_weight,
+        c_search=spec.c_search,
+        c_query=spec.c_query,
+        cap_search=spec.cap_search,
+        cap_query=spec.cap_query,
+        clamp_delta=spec.clamp_delta,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +338,16 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def attribute_capacity(calls: list[CallRecord], latency: float, slots: int, start: float, end: float, *,
-                       full_at: float | None = None, client_call_s: float | None = None) -> CapacityLoss:
+def attribute_capacity(
+    calls: list[CallRecord],
+    latency: float,
+    slots: int,
+    start: float,
+    end: float,
+    *,
+    full_at: float | None = None,
+    client_call_s: float | None = None,
+) -> CapacityLoss:
     """Split the run's slot-seconds (see CapacityLoss). ``full_at``: when the server first held
     ``slots`` calls (default: start + latency); ``client_call_s``: the clients' mean time per call
     with the HTTP slot held (default: latency, no overhead)."""
@@ -297,13 +365,25 @@ def attribute_capacity(calls: list[CallRecord], latency: float, slots: int, star
 
     busy = busy_in(start, end)
     idle = lambda a, b: slots * (b - a) - busy_in(a, b)  # noqa: E731
-    backoff = sum(_overlap(prev.at + latency, nxt.at, ramp_end, supply_end)
-                  for cs in by_prompt.values() for prev, nxt in itertools.pairwise(cs))
+    backoff = sum(
+        _overlap(prev.at + latency, nxt.at, ramp_end, supply_end)
+        for cs in by_prompt.values()
+        for prev, nxt in itertools.pairwise(cs)
+    )
     middle_calls = sum(1 for c in calls if ramp_end <= c.at + latency <= supply_end)
     overhead = middle_calls * max(0.0, (client_call_s if client_call_s is not None else latency) - latency)
     middle_ok = sum(1 for c in calls if c.ok and ramp_end <= c.at + latency <= supply_end)
-    return CapacityLoss(slots * (end - start), busy, idle(start, ramp_end), idle(supply_end, end),
-                        idle(ramp_end, supply_end), backoff, overhead, (ramp_end, supply_end), middle_ok)
+    return CapacityLoss(
+        slots * (end - start),
+        busy,
+        idle(start, ramp_end),
+        idle(supply_end, end),
+        idle(ramp_end, supply_end),
+        backoff,
+        overhead,
+        (ramp_end, supply_end),
+        middle_ok,
+    )
 
 
 def capacity_loss(r: dict, latency: float) -> CapacityLoss:
@@ -312,8 +392,9 @@ def capacity_loss(r: dict, latency: float) -> CapacityLoss:
     full = next((t for t, n in r["sampler"].samples if t >= r["t0"] and n >= r["conc"]), None)
     d = r["stats_delta"]
     client_call_s = d["latency_sum_s"] / d["latency_count"] if d.get("latency_count") else None
-    return attribute_capacity(calls, latency, r["conc"], r["t0"], r["wall_end"], full_at=full,
-                              client_call_s=client_call_s)
+    return attribute_capacity(
+        calls, latency, r["conc"], r["t0"], r["wall_end"], full_at=full, client_call_s=client_call_s
+    )
 
 
 def _prompt_key(body) -> str:
@@ -334,13 +415,22 @@ def print_capacity_loss(console, loss: CapacityLoss, slots: int) -> None:
         ("busy on the server", loss.busy, "a call held by the server (successful or failed)"),
         ("ramp", loss.ramp, "idle before the slots first filled"),
         ("batch tail", loss.tail, "idle after the last judgement's first call: nothing new to start (finite batch)"),
-        ("middle: client overhead", loss.client_overhead,
-         "HTTP slot held by a client while the server did not hold the call (request build/send, reply read, "
-         "event-loop lag)"),
-        ("middle: dispatch gaps", loss.dispatch_gap,
-         "a slot free with no call ready: chunking, Ray round trips, an actor's queue empty, its event loop"),
-        ("(middle: waiting to retry)", loss.backoff,
-         "judgements in backoff; idles a slot only if nothing else was queued"),
+        (
+            "middle: client overhead",
+            loss.client_overhead,
+            "HTTP slot held by a client while the server did not hold the call (request build/send, reply read, "
+            "event-loop lag)",
+        ),
+        (
+            "middle: dispatch gaps",
+            loss.dispatch_gap,
+            "a slot free with no call ready: chunking, Ray round trips, an actor's queue empty, its event loop",
+        ),
+        (
+            "(middle: waiting to retry)",
+            loss.backoff,
+            "judgements in backoff; idles a slot only if nothing else was queued",
+        ),
     ):
         table.add_row(name, f"{value / loss.capacity:.1%}", what)
     console.print(table)
@@ -353,8 +443,9 @@ async def score_in_groups(pool, trajs, questions, group_size: int):
         return await pool.score(trajs, questions)
     from rewards.report import PoolReport
 
-    reports = await asyncio.gather(*(pool.score(trajs[i:i + group_size], questions)
-                                     for i in range(0, len(trajs), group_size)))
+    reports = await asyncio.gather(
+        *(pool.score(trajs[i : i + group_size], questions) for i in range(0, len(trajs), group_size))
+    )
     total = PoolReport()
     for r in reports:
         for name in ("scores", "resubmitted", "duplicates", "actor_failures", "retries", "fallbacks", "latency_s"):
@@ -380,7 +471,8 @@ def count_applications():
 
 
 def rejudged(records) -> int:
-    """Successful calls whose exact prompt already had a successful reply: work paid twice (e.g. a resubmitted chunk)."""
+    """Successful calls whose exact prompt already had a successful reply: work paid twice
+    (e.g. a resubmitted chunk)."""
     import json
 
     seen: Counter = Counter()
@@ -470,15 +562,33 @@ async def run_pool(args, srv, cfg) -> dict:
 
     records = [r for r in srv.requests[first_record:] if r.path == CHAT_PATH]
     spec = cfg.spec()
-    wrong = sum(1 for t in trajs if t.reward is not None and abs(t.reward - expected_reward(t, questions[t.question_id], spec)) > 1e-9)
+    wrong = sum(
+        1
+        for t in trajs
+        if t.reward is not None and abs(t.reward - expected_reward(t, questions[t.question_id], spec)) > 1e-9
+    )
     return {
-        "trajs": trajs, "report": report, "wall": wall, "records": records, "applied": applied, "kill": kill,
-        "sampler_mean": sampler.mean(t0, t0 + wall), "sampler_peak": sampler.peak, "sampler": sampler, "t0": t0, "wall_end": t0 + wall,
+        "trajs": trajs,
+        "report": report,
+        "wall": wall,
+        "records": records,
+        "applied": applied,
+        "kill": kill,
+        "sampler_mean": sampler.mean(t0, t0 + wall),
+        "sampler_peak": sampler.peak,
+        "sampler": sampler,
+        "t0": t0,
+        "wall_end": t0 + wall,
         "cpu_busy": (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) if cpu0 and cpu1 else None,
-        "cpu_roles": cpu_by_role(procs0, procs1), "wrong": wrong, "warm_n": warm_n,
-        "stats_delta": {k: stats_after.get(k, 0) - stats_before.get(k, 0)
-                        for k in ("coalesced", "cache_hits", "requests", "retries", "latency_sum_s", "latency_count")},
-        "clock_offset": clock_offset, "conc": conc,
+        "cpu_roles": cpu_by_role(procs0, procs1),
+        "wrong": wrong,
+        "warm_n": warm_n,
+        "stats_delta": {
+            k: stats_after.get(k, 0) - stats_before.get(k, 0)
+            for k in ("coalesced", "cache_hits", "requests", "retries", "latency_sum_s", "latency_count")
+        },
+        "clock_offset": clock_offset,
+        "conc": conc,
     }
 
 
@@ -504,24 +614,42 @@ def main(argv: list[str] | None = None) -> int:
     conc = args.actors * conc_per_actor
     chunks_per_actor = max(1, actor_mif // args.chunk_size)
     if chunks_per_actor * args.chunk_size < conc_per_actor:
-        console.print(f"[yellow]note: {chunks_per_actor} chunks x {args.chunk_size} trajectories per actor < {conc_per_actor} "
-                      "slots: the pool cannot fill the concurrency the ideal assumes[/]")
+        console.print(
+            f"[yellow]note: {chunks_per_actor} chunks x {args.chunk_size} trajectories per actor < {conc_per_actor} "
+            "slots: the pool cannot fill the concurrency the ideal assumes[/]"
+        )
     ideal = conc / args.latency
     calls_per_traj = 2 if args.stage == 2 else 1
 
-    srv = OpenAITestServer(latency_s=args.latency, error_rate=args.error_rate, error_codes=(429, 500), seed=args.seed, api_key=key)
+    srv = OpenAITestServer(
+        latency_s=args.latency, error_rate=args.error_rate, error_codes=(429, 500), seed=args.seed, api_key=key
+    )
     ray_started = False
     try:
         with srv:
-            ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": key, "RAY_DEDUP_LOGS": "1"}})
+            ray.init(
+                address="local",
+                num_cpus=args.num_cpus or os.cpu_count() or 2,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": key, "RAY_DEDUP_LOGS": "1"}},
+            )
             ray_started = True
             cfg = RewardsConfig(
-                stage=args.stage, num_actors=args.actors, max_in_flight_per_actor=actor_mif,
-                chunk_size=args.chunk_size, cache=False,
+                stage=args.stage,
+                num_actors=args.actors,
+                max_in_flight_per_actor=actor_mif,
+                chunk_size=args.chunk_size,
+                cache=False,
                 judge=JudgeSettings(
-                    base_url=srv.base_url, model=srv.model, timeout_s=args.timeout, max_retries=args.max_retries,
-                    backoff_base_s=args.backoff_base, backoff_max_s=args.backoff_max, jitter=True, max_in_flight=judge_mif,
+                    base_url=srv.base_url,
+                    model=srv.model,
+                    timeout_s=args.timeout,
+                    max_retries=args.max_retries,
+                    backoff_base_s=args.backoff_base,
+                    backoff_max_s=args.backoff_max,
+                    jitter=True,
+                    max_in_flight=judge_mif,
                 ),
             )
             r = asyncio.run(run_pool(args, srv, cfg))
@@ -541,37 +669,92 @@ def main(argv: list[str] | None = None) -> int:
     twice = sum(1 for c in r["applied"].values() if c > 1)
     duplicated = report.duplicates + twice
 
-    table = Table(title=f"judge pool: stage {args.stage}, {args.trajectories} trajectories, {args.latency * 1000:g} ms latency, "
-                        f"{args.error_rate:.0%} errors" + (", judge-0 killed" if args.kill_actor else ""))
+    table = Table(
+        title=f"judge pool: stage {args.stage}, {args.trajectories} trajectories, {args.latency * 1000:g} ms latency, "
+        f"{args.error_rate:.0%} errors" + (", judge-0 killed" if args.kill_actor else "")
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("note")
     rows = [
-        ("actors x slots", f"{args.actors} x {conc_per_actor} = {conc}",
-         (f"C = actors x min(max_in_flight_per_actor {actor_mif}, judge.max_in_flight {judge_mif}); "
-          f"chunk_size {args.chunk_size}, {chunks_per_actor} chunks/actor")),
+        (
+            "actors x slots",
+            f"{args.actors} x {conc_per_actor} = {conc}",
+            (
+                f"C = actors x min(max_in_flight_per_actor {actor_mif}, judge.max_in_flight {judge_mif}); "
+                f"chunk_size {args.chunk_size}, {chunks_per_actor} chunks/actor"
+            ),
+        ),
         ("wall time (pool.score)", f"{wall:.2f} s", f"after {r['warm_n']} warm-up trajectories (untimed)"),
-        ("HTTP calls served", f"{len(records)}", f"{ok} ok, {failed} failed ({dict(sorted((k, v) for k, v in by_status.items() if k != 200))})"),
+        (
+            "HTTP calls served",
+            f"{len(records)}",
+            f"{ok} ok, {failed} failed ({dict(sorted((k, v) for k, v in by_status.items() if k != 200))})",
+        ),
         ("calls needed", f"{args.trajectories * calls_per_traj}", f"{calls_per_traj} per trajectory"),
-        ("server in flight", f"mean {r['sampler_mean']:.1f}, peak {r['sampler_peak']}", f"sampled every 5 ms; server max_in_flight {server_peak_all} (whole run)"),
-        ("host CPU busy", "n/a" if r["cpu_busy"] is None else f"{r['cpu_busy']:.0%} of {os.cpu_count()} cores",
-         "all processes on the host during pool.score (other workloads included)"),
-        ("CPU of this benchmark", "{:.2f} s".format(sum(r["cpu_roles"].values())),
-         "driver (pool + test server thread) {driver:.2f} s, actors {actors:.2f} s, Ray system {ray:.2f} s; {per:.1f} ms per HTTP call".format(
-             **{k: r["cpu_roles"].get(k, 0.0) for k in ("driver", "actors", "ray")},
-             per=1000 * sum(r["cpu_roles"].values()) / max(1, len(records)))),
+        (
+            "server in flight",
+            f"mean {r['sampler_mean']:.1f}, peak {r['sampler_peak']}",
+            f"sampled every 5 ms; server max_in_flight {server_peak_all} (whole run)",
+        ),
+        (
+            "host CPU busy",
+            "n/a" if r["cpu_busy"] is None else f"{r['cpu_busy']:.0%} of {os.cpu_count()} cores",
+            "all processes on the host during pool.score (other workloads included)",
+        ),
+        (
+            "CPU of this benchmark",
+            "{:.2f} s".format(sum(r["cpu_roles"].values())),
+            (
+                "driver (pool + test server thread) {driver:.2f} s, actors {actors:.2f} s, "
+                "Ray system {ray:.2f} s; {per:.1f} ms per HTTP call"
+            ).format(
+                **{k: r["cpu_roles"].get(k, 0.0) for k in ("driver", "actors", "ray")},
+                per=1000 * sum(r["cpu_roles"].values()) / max(1, len(records)),
+            ),
+        ),
         ("achieved (all calls)", f"{len(records) / wall:.1f} /s", "HTTP requests incl. failed ones / wall"),
         ("achieved (successful calls)", f"{achieved:.1f} /s", f"{args.trajectories / wall:.1f} trajectories/s"),
         ("ideal = C / latency", f"{ideal:.1f} /s", f"{conc} / {args.latency:g} s; the ratio uses this"),
-        ("error-adjusted ideal", f"{adj_ideal:.1f} /s", f"ideal x (1 - {args.error_rate:g}): failed calls hold a slot too"),
-        ("throughput_ratio", f"{ratio:.3f}", f"achieved ok / ideal; vs error-adjusted ideal: {achieved / adj_ideal:.2f}"),
-        ("perfect-pool ratio", f"{perfect_pool_ratio(args, conc, calls_per_traj):.2f}",
-         "simulated: the same batch, errors and backoff on C slots with zero overhead (the finite batch's tail)"),
-        ("retries / fallbacks", f"{report.retries} / {report.fallbacks}", "from the PoolReport of the delivered scores"),
-        ("coalesced / cache hits", f"{r['stats_delta']['coalesced']:g} / {r['stats_delta']['cache_hits']:g}", "must be 0: every case is unique, cache off"),
-        ("actor failures / resubmitted", f"{report.actor_failures} / {report.resubmitted}",
-         f"judge-0 killed at {r['kill']['at_s']:.2f} s" if r["kill"] else "judge-0 not killed: the run ended first" if args.kill_actor else "no kill"),
-        ("re-judged (paid twice)", f"{rejudged(records)}", "successful calls on a prompt already answered (resubmitted chunks)"),
+        (
+            "error-adjusted ideal",
+            f"{adj_ideal:.1f} /s",
+            f"ideal x (1 - {args.error_rate:g}): failed calls hold a slot too",
+        ),
+        (
+            "throughput_ratio",
+            f"{ratio:.3f}",
+            f"achieved ok / ideal; vs error-adjusted ideal: {achieved / adj_ideal:.2f}",
+        ),
+        (
+            "perfect-pool ratio",
+            f"{perfect_pool_ratio(args, conc, calls_per_traj):.2f}",
+            "simulated: the same batch, errors and backoff on C slots with zero overhead (the finite batch's tail)",
+        ),
+        (
+            "retries / fallbacks",
+            f"{report.retries} / {report.fallbacks}",
+            "from the PoolReport of the delivered scores",
+        ),
+        (
+            "coalesced / cache hits",
+            f"{r['stats_delta']['coalesced']:g} / {r['stats_delta']['cache_hits']:g}",
+            "must be 0: every case is unique, cache off",
+        ),
+        (
+            "actor failures / resubmitted",
+            f"{report.actor_failures} / {report.resubmitted}",
+            f"judge-0 killed at {r['kill']['at_s']:.2f} s"
+            if r["kill"]
+            else "judge-0 not killed: the run ended first"
+            if args.kill_actor
+            else "no kill",
+        ),
+        (
+            "re-judged (paid twice)",
+            f"{rejudged(records)}",
+            "successful calls on a prompt already answered (resubmitted chunks)",
+        ),
         ("rewards delivered", f"{report.scores}", f"of {args.trajectories}"),
         ("rewards off the rule value", f"{r['wrong']}", "the test server judges by the rules, as does the fallback"),
         ("lost", f"{lost}", "trajectories without a reward"),
@@ -582,11 +765,18 @@ def main(argv: list[str] | None = None) -> int:
     steady = loss.middle_ok / (mid1 - mid0) / ideal if mid1 > mid0 else 0.0
     perfect = perfect_pool_ratio(args, conc, calls_per_traj)
     rows += [
-        ("steady-state ratio", f"{steady:.3f}",
-         f"ok calls ending in [{mid0 - r['t0']:.2f}, {mid1 - r['t0']:.2f}] s / its length / ideal: while the pool had "
-         f"new work to start (no ramp, no batch tail); vs error-adjusted ideal: {steady / (1 - args.error_rate):.2f}"),
-        ("pool efficiency", f"{ratio / perfect:.2f}",
-         "throughput_ratio / perfect-pool ratio: this pool vs a zero-overhead one"),
+        (
+            "steady-state ratio",
+            f"{steady:.3f}",
+            f"ok calls ending in [{mid0 - r['t0']:.2f}, {mid1 - r['t0']:.2f}] s / its length / ideal: "
+            f"while the pool had new work to start (no ramp, no batch tail); "
+            f"vs error-adjusted ideal: {steady / (1 - args.error_rate):.2f}",
+        ),
+        (
+            "pool efficiency",
+            f"{ratio / perfect:.2f}",
+            "throughput_ratio / perfect-pool ratio: this pool vs a zero-overhead one",
+        ),
     ]
     for row in rows:
         table.add_row(*row)
@@ -597,10 +787,15 @@ def main(argv: list[str] | None = None) -> int:
         means = [r["sampler"].mean(a, min(b, r["wall_end"])) for a, b in itertools.pairwise(edges) if a < r["wall_end"]]
         console.print("in flight per 100 ms: " + " ".join(f"{m:.0f}" for m in means))
     target_met = round(steady / (1 - args.error_rate), 2) >= 0.95 and lost == 0 and duplicated == 0  # as printed
-    console.print(f"target (steady state >= 0.95 of the error-adjusted ideal, lost = 0, duplicated = 0): "
-                  f"{'met' if target_met else 'NOT met'}")
-    print(f"throughput_ratio={ratio:.2f} lost={lost} duplicated={duplicated} steady_ratio={steady:.2f} "
-          f"perfect_ratio={perfect:.2f}", flush=True)
+    console.print(
+        f"target (steady state >= 0.95 of the error-adjusted ideal, lost = 0, duplicated = 0): "
+        f"{'met' if target_met else 'NOT met'}"
+    )
+    print(
+        f"throughput_ratio={ratio:.2f} lost={lost} duplicated={duplicated} steady_ratio={steady:.2f} "
+        f"perfect_ratio={perfect:.2f}",
+        flush=True,
+    )
     return 1 if lost or duplicated else 0
 
 

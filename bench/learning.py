@@ -141,7 +141,9 @@ def arm_rows(results: dict[RunSpec, dict]) -> list[dict]:
     for arm in dict.fromkeys(spec.arm for spec in results):
         runs = [r for spec, r in results.items() if spec.arm == arm]
         final, ci = mean_ci([r["acc_final"] for r in runs], runs[0]["eval_questions"])
-        mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        def mean(key, runs=runs):
+            return sum(r[key] for r in runs) / len(runs)
+
         rows.append({
             "arm": arm, "seeds": len(runs), "episodes": mean("episodes"), "acc_initial": mean("acc_initial"),
             "acc_final": final, "ci": ci, "gain": final - mean("acc_initial"),

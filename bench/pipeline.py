@@ -120,27 +120,40 @@ def compare(label: str, sync: Measured, asyn: Measured, gen_busy_s: float | None
     speedup = sync.step_s / asyn.step_s
     eff = speedup / ideal
     print(f"{label}")
-    print(f"  sync : step {sync.step_s:7.2f} s = wait for data {sync.wait_s:6.2f} s + train {sync.train_s:6.2f} s + "
-          f"weight sync {sync.sync_s:5.2f} s | rollout idle {sync.rollout_idle:4.0%} learner idle {sync.learner_idle:4.0%}")
-    print(f"  async: step {asyn.step_s:7.2f} s = wait for data {asyn.wait_s:6.2f} s + train {asyn.train_s:6.2f} s + "
-          f"weight sync {asyn.sync_s:5.2f} s | rollout idle {asyn.rollout_idle:4.0%} learner idle {asyn.learner_idle:4.0%}")
+    print(
+        f"  sync : step {sync.step_s:7.2f} s = wait for data {sync.wait_s:6.2f} s + train {sync.train_s:6.2f} s + "
+        f"weight sync {sync.sync_s:5.2f} s | rollout idle {sync.rollout_idle:4.0%} "
+        f"learner idle {sync.learner_idle:4.0%}"
+    )
+    print(
+        f"  async: step {asyn.step_s:7.2f} s = wait for data {asyn.wait_s:6.2f} s + train {asyn.train_s:6.2f} s + "
+        f"weight sync {asyn.sync_s:5.2f} s | rollout idle {asyn.rollout_idle:4.0%} "
+        f"learner idle {asyn.learner_idle:4.0%}"
+    )
     busy = f"{gen_busy_s:.2f} s" if gen_busy_s is not None else "n/a"
-    print(f"  generation per step with every worker busy {busy}, train+sync {train_s:.2f} s | dropped stale groups "
-          f"{asyn.dropped}, lost episodes {sync.lost + asyn.lost}")
+    print(
+        f"  generation per step with every worker busy {busy}, train+sync {train_s:.2f} s | dropped stale groups "
+        f"{asyn.dropped}, lost episodes {sync.lost + asyn.lost}"
+    )
     print(f"  speedup {speedup:.2f}  ideal {ideal:.2f}  efficiency {eff:.2f}")
     return speedup, ideal, eff
 
 
 def latency_mode(args, out: Path) -> tuple[float, float, float]:
     w = Workload(args.time_scale, args.slots, args.questions, args.samples, args.steps, args.max_staleness)
-    print(f"latency model (GPU-scale phases / {args.time_scale:g}): {GPU_SCALE}; {w.slots} decode slots per worker; "
-          f"batch {w.questions} questions x {w.samples}; max_staleness {w.max_staleness}")
+    print(
+        f"latency model (GPU-scale phases / {args.time_scale:g}): {GPU_SCALE}; {w.slots} decode slots per worker; "
+        f"batch {w.questions} questions x {w.samples}; max_staleness {w.max_staleness}"
+    )
     result = None
     for workers in args.workers:
         measured = {}
         for mode in ("sync", "async"):
-            measured[mode] = run("deploy/configs/smoke.yaml", [*w.overrides(), f"rollout.num_workers={workers}", f"pipeline.mode={mode}"],
-                                 out / f"latency-w{workers}-{mode}")
+            measured[mode] = run(
+                "deploy/configs/smoke.yaml",
+                [*w.overrides(), f"rollout.num_workers={workers}", f"pipeline.mode={mode}"],
+                out / f"latency-w{workers}-{mode}",
+            )
         episodes = w.questions * w.samples
         gen_busy = episodes * measured["sync"].turns * w.decode_s_per_turn() / (workers * w.slots)
         r = compare(f"{workers} rollout worker(s)", measured["sync"], measured["async"], gen_busy)
@@ -150,10 +163,23 @@ def latency_mode(args, out: Path) -> tuple[float, float, float]:
 
 
 def real_mode(args, out: Path) -> None:
-    base = ["pipeline.steps=8", "pipeline.questions_per_step=4", "pipeline.samples_per_question=4", f"pipeline.max_staleness={args.max_staleness}"]
-    measured = {mode: run("deploy/configs/smoke.yaml", [*base, f"pipeline.mode={mode}"], out / f"real-{mode}") for mode in ("sync", "async")}
+    base = [
+        "pipeline.steps=8",
+        "pipeline.questions_per_step=4",
+        "pipeline.samples_per_question=4",
+        f"pipeline.max_staleness={args.max_staleness}",
+    ]
+    measured = {
+        mode: run("deploy/configs/smoke.yaml", [*base, f"pipeline.mode={mode}"], out / f"real-{mode}")
+        for mode in ("sync", "async")
+    }
     # A real engine has no slot count to spread work over; the ideal here bounds by training alone.
-    compare("real model (tiny random Llama on vLLM + DeepSpeed ZeRO-2, 1 rollout worker)", measured["sync"], measured["async"], None)
+    compare(
+        "real model (tiny random Llama on vLLM + DeepSpeed ZeRO-2, 1 rollout worker)",
+        measured["sync"],
+        measured["async"],
+        None,
+    )
 
 
 def main() -> None:

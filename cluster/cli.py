@@ -145,7 +145,10 @@ def cmd_run(args) -> int:
         output_dir = Path(args.resume).resolve()
         meta_path, latest = output_dir / "run.json", output_dir / "checkpoints" / "rapo_latest"
         if not meta_path.exists() or not latest.exists():
-            console.print(f"[red]error:[/] {output_dir} holds no checkpoint of a rapo run (no run.json or checkpoints/rapo_latest)")
+            console.print(
+                f"[red]error:[/] {output_dir} holds no checkpoint of a rapo run "
+                "(no run.json or checkpoints/rapo_latest)"
+            )
             return 2
         run_id = json.loads(meta_path.read_text())["run_id"]
         resume_from = str(latest.parent)
@@ -167,10 +170,16 @@ def cmd_run(args) -> int:
             if svc.metrics_url:
                 _log(f"prometheus metrics (ray_rapo_*): {svc.metrics_url}")
             ctx = RunContext(
-                run_id=run_id, output_dir=str(output_dir), model_dir=str(model_dir), redis_url=svc.redis_url,
-                redis_password=svc.redis_password, namespace=cfg.redis.namespace or run_id,
-                tracking_uri=cfg.tracking.uri or default_tracking_uri(output_dir), weights_dir=str(weights_dir),
-                model_meta=model_meta(model_dir), resume_from=resume_from,
+                run_id=run_id,
+                output_dir=str(output_dir),
+                model_dir=str(model_dir),
+                redis_url=svc.redis_url,
+                redis_password=svc.redis_password,
+                namespace=cfg.redis.namespace or run_id,
+                tracking_uri=cfg.tracking.uri or default_tracking_uri(output_dir),
+                weights_dir=str(weights_dir),
+                model_meta=model_meta(model_dir),
+                resume_from=resume_from,
             )
             controller = controller_actor(svc.node_id).remote(cfg, ctx)
             try:
@@ -233,7 +242,9 @@ def cmd_eval(args) -> int:
     cfg = _load(str(config) if config else None, args.overrides, local_files=True, model=False)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up chatter would bury the progress bar
     try:
-        summary = run_eval(cfg, model_dir, data=args.data, output=Path(args.output or default_output()), console=console, log=_log)
+        summary = run_eval(
+            cfg, model_dir, data=args.data, output=Path(args.output or default_output()), console=console, log=_log
+        )
     except (DatasetError, JudgeConfigError, FileNotFoundError) as e:
         return user_error(e)
     except KeyboardInterrupt:
@@ -259,12 +270,25 @@ def cmd_serve_judge(args) -> int:
         # vLLM reads VLLM_API_KEY: the key stays out of the command line, where `ps` would show it.
         env["VLLM_API_KEY"] = key
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", args.host,
-        "--port", str(args.port), "--served-model-name", args.served_model_name, "--max-model-len", str(args.max_model_len),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--served-model-name",
+        args.served_model_name,
+        "--max-model-len",
+        str(args.max_model_len),
         *args.passthrough,
     ]
-    _log(f"serving {model} as {args.served_model_name!r} on http://{args.host}:{args.port}/v1"
-         + (" (API key required)" if key else " (no API key: set rewards.judge.require_api_key=false)"))
+    _log(
+        f"serving {model} as {args.served_model_name!r} on http://{args.host}:{args.port}/v1"
+        + (" (API key required)" if key else " (no API key: set rewards.judge.require_api_key=false)")
+    )
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
@@ -412,11 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="YAML config (default: RUN/config.yaml for RUN/policy, else deploy/configs/demo.yaml)"
     )
     evaluate.add_argument(
-        "--data", metavar="FILE.jsonl", help='questions {"id"?, "question", "answer", "aliases"?} (default: the config\'s held-out set)'
+        "--data",
+        metavar="FILE.jsonl",
+        help='questions {"id"?, "question", "answer", "aliases"?} (default: the config\'s held-out set)',
     )
     evaluate.add_argument(
-        "--output", metavar="FILE", help="per-question results JSONL (default: rapo-eval-<time>.jsonl); the summary "
-        "goes beside it (r.jsonl -> r.summary.json)"
+        "--output",
+        metavar="FILE",
+        help="per-question results JSONL (default: rapo-eval-<time>.jsonl); the summary "
+        "goes beside it (r.jsonl -> r.summary.json)",
     )
     evaluate.set_defaults(func=cmd_eval)
 

@@ -60,7 +60,7 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
     @model_validator(mode="after")
-    def _path_means_path(self) -> "ModelConfig":
+    def _path_means_path(self) -> ModelConfig:
         if self.path is not None and self.source != "path":
             object.__setattr__(self, "source", "path")
         if self.source == "path" and self.path is None:
@@ -87,7 +87,7 @@ class DataConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _jsonl_needs_path(self) -> "DataConfig":
+    def _jsonl_needs_path(self) -> DataConfig:
         if self.path is not None and self.source != "jsonl":
             object.__setattr__(self, "source", "jsonl")
         if self.source == "jsonl" and self.path is None:
@@ -116,7 +116,10 @@ class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each worker asks for, e.g. {rollout: 1} to land in a KubeRay worker group")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker asks for, e.g. {rollout: 1} to land in a KubeRay worker group",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU (exact logprobs), bfloat16 on GPU"
     )
@@ -132,10 +135,13 @@ class RolloutConfig(Section):
 
 
 class ToolsConfig(Section):
-    backend: Literal["corpus", "web"] = Field("corpus", description="corpus: offline BM25 pages; web: search API + fetch")
+    backend: Literal["corpus", "web"] = Field(
+        "corpus", description="corpus: offline BM25 pages; web: search API + fetch"
+    )
     web: WebToolsSettings = Field(default_factory=WebToolsSettings)
     extractor: ExtractorSettings | None = Field(
-        None, description="goal-directed extraction for query_url through an OpenAI-compatible LLM (else passage ranking)"
+        None,
+        description="goal-directed extraction for query_url through an OpenAI-compatible LLM (else passage ranking)",
     )
     latency_s: float = Field(0.0, ge=0, description="added to every tool call (benchmarks: a web API's latency)")
     corpus_path: Path | None = Field(
@@ -171,13 +177,16 @@ class RewardsConfig(Section):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     num_actors: int = Field(2, ge=1, description="reward-labeller actors (judge-N)")
     num_cpus_per_actor: float = Field(0.1, ge=0, description="they mostly wait on HTTP")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each actor asks for, e.g. {judge: 1} to land in a KubeRay worker group")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each actor asks for, e.g. {judge: 1} to land in a KubeRay worker group",
+    )
     max_in_flight_per_actor: int = Field(32, ge=1, description="trajectories one actor judges concurrently")
     chunk_size: int = Field(4, ge=1, description="trajectories per call to an actor")
     cache: bool = Field(True, description="cache LLM judgements in Redis by a hash of the judged content")
 
     @model_validator(mode="after")
-    def _llm_labels_need_a_judge(self) -> "RewardsConfig":
+    def _llm_labels_need_a_judge(self) -> RewardsConfig:
         if self.labeller == "llm" and self.judge is None:
             raise ValueError("rewards.labeller is 'llm' but rewards.judge is not set (give rewards.judge.base_url)")
         return self
@@ -190,8 +199,13 @@ class RewardsConfig(Section):
 
         s2 = self.stage2
         return RewardSpec(
-            stage=self.stage, format_weight=self.format_weight, c_search=s2.c_search, c_query=s2.c_query,
-            cap_search=s2.cap_search, cap_query=s2.cap_query, budget_verification=s2.budget_verification,
+            stage=self.stage,
+            format_weight=self.format_weight,
+            c_search=s2.c_search,
+            c_query=s2.c_query,
+            cap_search=s2.cap_search,
+            cap_query=s2.cap_query,
+            budget_verification=s2.budget_verification,
             clamp_delta=s2.clamp_delta,
         )
 
@@ -207,8 +221,12 @@ class LearnerConfig(Section):
     adv_scaling: bool | None = Field(None, description="scale advantages by G/G_good (default: on for rapo)")
     replay: bool | None = Field(None, description="per-question replay buffer (default: on for rapo)")
     pruning: bool | None = Field(None, description="epoch-level pruning of solved questions (default: on for rapo)")
-    replay_threshold: float = Field(0.5, description="a trajectory is stored when judged correct with reward above this")
-    replay_max_entries: int = Field(100_000, ge=1, description="questions kept in the buffer (least recently stored evicted)")
+    replay_threshold: float = Field(
+        0.5, description="a trajectory is stored when judged correct with reward above this"
+    )
+    replay_max_entries: int = Field(
+        100_000, ge=1, description="questions kept in the buffer (least recently stored evicted)"
+    )
     replay_on_policy: bool = Field(True, description="replayed samples get importance weight 1, as in the paper")
     prune_threshold: float = Field(0.9, gt=0, le=1, description="solve rate at which a question is pruned")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end of the run)")
@@ -216,14 +234,18 @@ class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each rank asks for, e.g. {learner: 1} to land in a KubeRay worker group")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each rank asks for, e.g. {learner: 1} to land in a KubeRay worker group",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per rank (default: the node's cores / ranks; Ray would give 1)"
     )
     zero_stage: Literal[0, 1, 2, 3] = 2
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="master weights and optimizer state")
     autocast_bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 autocast for forward/backward (fp32 master weights); auto: only where the CPU/GPU "
+        "auto",
+        description="bf16 autocast for forward/backward (fp32 master weights); auto: only where the CPU/GPU "
         "does bf16 natively (on a CPU without AVX512_BF16/AMX it is emulated and several times slower than fp32)",
     )
     lr: float = Field(2e-5, gt=0)
@@ -235,7 +257,9 @@ class LearnerConfig(Section):
         True, description="a micro-batch's sequences in one row, attention kept per sequence (false: pad each row)"
     )
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="cut micro-batches by this token budget, ranks balanced by tokens "
+        None,
+        ge=1,
+        description="cut micro-batches by this token budget, ranks balanced by tokens "
         "(replaces micro_batch_size; null: micro_batch_size sequences)",
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
@@ -267,7 +291,9 @@ class PipelineConfig(Section):
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: a batch is generated only after the previous step (the baseline); async: overlap"
     )
-    max_staleness: int = Field(1, ge=0, description="async: policy versions a sample may lag when trained (0 = on-policy)")
+    max_staleness: int = Field(
+        1, ge=0, description="async: policy versions a sample may lag when trained (0 = on-policy)"
+    )
     stale_action: Literal["drop", "downweight"] = Field("drop", description="what happens to an over-stale group")
     stale_weight: float = Field(0.5, ge=0, le=1, description="advantage multiplier of an over-stale group (downweight)")
     groups_per_worker: int | None = Field(
@@ -296,9 +322,10 @@ class WeightsConfig(Section):
     """How a new policy version reaches the rollout engines (README, "Weight sync")."""
 
     transport: Literal["auto", "gloo", "nccl", "file"] = Field(
-        "auto", description="gloo: vLLM's weight-transfer protocol, one gloo broadcast per bucket (any machine, "
+        "auto",
+        description="gloo: vLLM's weight-transfer protocol, one gloo broadcast per bucket (any machine, "
         "GPUs included); nccl: reserved for vLLM's NCCL engine (not wired to the learner yet); file: one safetensors "
-        "file per version pulled by each worker (kept for comparison); auto: gloo, or file for simulated engines"
+        "file per version pulled by each worker (kept for comparison); auto: gloo, or file for simulated engines",
     )
     bucket_mb: float | None = Field(
         None, gt=0, description="parameters gathered, cast and sent at a time (default: 256 MB on GPUs, 64 MB on CPUs)"
@@ -307,13 +334,17 @@ class WeightsConfig(Section):
     def resolve(self, engine_kind: str, learner_backend: str) -> str:
         simulated = "simulated" in (engine_kind, learner_backend)
         if self.transport == "nccl":
-            raise ValueError("weights.transport=nccl is not wired to the learner yet: use weights.transport=gloo "
-                             "(vLLM's same protocol; it runs on GPU machines too)")
+            raise ValueError(
+                "weights.transport=nccl is not wired to the learner yet: use weights.transport=gloo "
+                "(vLLM's same protocol; it runs on GPU machines too)"
+            )
         if self.transport == "auto":
             return "file" if simulated else "gloo"
         if self.transport == "gloo" and simulated:
-            raise ValueError("weights.transport=gloo needs real weights: the simulated engine and learner take "
-                             "weights.transport=file (or auto)")
+            raise ValueError(
+                "weights.transport=gloo needs real weights: the simulated engine and learner take "
+                "weights.transport=file (or auto)"
+            )
         return self.transport
 
     def bucket_bytes(self, gpu: bool) -> int:
@@ -331,14 +362,18 @@ class RedisConfig(Section):
     def _no_password_in_url(cls, url: str | None) -> str | None:
         # The config is saved with the run and logged to MLflow: a password in it would leak.
         if url is not None and urlsplit(url).password:
-            raise ValueError("a password in redis.url would be saved with the run; put it in the environment "
-                             "variable named by redis.password_env (default RAPO_REDIS_PASSWORD) instead")
+            raise ValueError(
+                "a password in redis.url would be saved with the run; put it in the environment "
+                "variable named by redis.password_env (default RAPO_REDIS_PASSWORD) instead"
+            )
         return url
 
 
 class RayConfig(Section):
     address: str | None = Field(None, description="existing cluster ('auto' or host:port); unset starts a local one")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (default: what the actors need)")
+    num_cpus: int | None = Field(
+        None, ge=1, description="logical CPUs of a local cluster (default: what the actors need)"
+    )
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=0, le=65535)
     namespace: str = "rapo"
@@ -366,12 +401,12 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _weights_transport_fits(self) -> "RunConfig":
+    def _weights_transport_fits(self) -> RunConfig:
         self.weights.resolve(self.rollout.engine, self.learner.backend)
         return self
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "RunConfig":
+    def _batch_divides(self) -> RunConfig:
         batch = self.pipeline.questions_per_step * self.pipeline.samples_per_question
         split = self.learner.num_ranks * self.learner.mini_batches
         per_rank, rest = divmod(batch, split)

@@ -111,7 +111,7 @@ RESTARTS_LEARNER = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailabl
 async def within_learner_timeout(call, timeout_s: float, what: str):
     try:
         return await asyncio.wait_for(call, timeout_s)
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         raise LearnerTimedOut(f"{what} took longer than learner.timeout_s ({timeout_s:g} s); "
                               "raise learner.timeout_s if steps are this slow") from e
 
@@ -310,10 +310,8 @@ class Controller:
         while not (self.admission.can_admit(self.state.step) and await self.fleet.has_capacity()):
             self.trained.clear()
             # Woken by a finished step, or a free worker slot (polled: scaling changes capacity).
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.trained.wait(), 0.25)
-            except asyncio.TimeoutError:
-                pass
 
     def _start_group(self, group: PendingGroup) -> None:
         self.admission.admit()
@@ -607,11 +605,9 @@ class Controller:
             raise LearnerFailed(f"the learner failed {st.learner_restarts} times; last error: {error}") from error
         self.phase = "restarting the learner"
         log.warning("learner failed (%s); restarting from the last checkpoint", type(error).__name__)
-        try:
-            # Bounded: a rank stuck in a step (a timeout) never answers close; the group kills its ranks anyway.
+        # Bounded: a rank stuck in a step (a timeout) never answers close; the group kills its ranks anyway.
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(self.learner.close(), 60)
-        except Exception:
-            pass
         self.learner = self._new_learner()
         self.learner_info = await self.learner.setup(self.ctx.model_dir, self.cfg.micro_batches_per_rank,
                                                      self.cfg.rollout.temperature)

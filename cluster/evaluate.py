@@ -62,8 +62,12 @@ def eval_questions(cfg: RunConfig, data: str | Path | None) -> tuple[list[Questi
 
 
 async def play_and_score(
-    cfg: RunConfig, model_dir: Path, questions: list[Question], documents: list[Document],
-    on_episode: Callable[[Trajectory], None] = lambda t: None, on_ready: Callable[[str, float], None] = lambda k, s: None,
+    cfg: RunConfig,
+    model_dir: Path,
+    questions: list[Question],
+    documents: list[Document],
+    on_episode: Callable[[Trajectory], None] = lambda t: None,
+    on_ready: Callable[[str, float], None] = lambda k, s: None,
 ) -> tuple[list[Trajectory], PoolReport]:
     """Every question's eval episode on a fresh engine for `model_dir`, scored; trajectories in question order.
 
@@ -96,8 +100,12 @@ async def play_and_score(
             from rollout.tools.extractor import LLMExtractor
 
             extractor = LLMExtractor(cfg.tools.extractor)
-        loop = AgentLoop(engine, Toolbox.from_config(cfg.tools, backend, extractor), AutoTokenizer.from_pretrained(model_dir),
-                         episode_limits(r))
+        loop = AgentLoop(
+            engine,
+            Toolbox.from_config(cfg.tools, backend, extractor),
+            AutoTokenizer.from_pretrained(model_dir),
+            episode_limits(r),
+        )
         episodes = asyncio.Semaphore(r.max_concurrent_episodes)
         judging = asyncio.Semaphore(rewards.max_in_flight_per_actor)
         report = PoolReport()
@@ -125,8 +133,14 @@ async def play_and_score(
 def result_row(t: Trajectory, q: Question) -> dict[str, Any]:
     """One line of `rapo eval`'s results: the question and gold answers beside the run's eval row."""
     row = eval_row(t)
-    return {"id": row.pop("id"), "question": q.question, "gold": q.answer, "aliases": list(q.aliases), **row,
-            "reward": t.reward}
+    return {
+        "id": row.pop("id"),
+        "question": q.question,
+        "gold": q.answer,
+        "aliases": list(q.aliases),
+        **row,
+        "reward": t.reward,
+    }
 
 
 def eval_summary(trajs: list[Trajectory], report: PoolReport, **about: Any) -> dict[str, Any]:
@@ -156,7 +170,12 @@ def summary_path_for(output: Path) -> Path:
 
 
 def run_eval(
-    cfg: RunConfig, model_dir: Path, *, data: str | Path | None, output: Path, console: Console,
+    cfg: RunConfig,
+    model_dir: Path,
+    *,
+    data: str | Path | None,
+    output: Path,
+    console: Console,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """`rapo eval`: load the questions, play and score them with a progress bar, write results and summary."""
@@ -168,7 +187,10 @@ def run_eval(
     judge = f"llm {cfg.rewards.judge.model} at {cfg.rewards.judge.base_url}" if cfg.rewards.judge else "rule"
     log(f"{len(questions)} questions from {source}; judge: {judge}; eval temperature {cfg.pipeline.eval_temperature}")
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         TextColumn("{task.fields[detail]}"),
     )
     t0 = time.perf_counter()
@@ -189,13 +211,21 @@ def run_eval(
         for t, q in zip(trajs, questions):
             fh.write(json.dumps(result_row(t, q)) + "\n")
     summary = eval_summary(
-        trajs, report, model_dir=str(model_dir), data=str(data) if data is not None else "heldout", judge=judge,
-        eval_temperature=cfg.pipeline.eval_temperature, seed=cfg.pipeline.seed, results=str(output),
+        trajs,
+        report,
+        model_dir=str(model_dir),
+        data=str(data) if data is not None else "heldout",
+        judge=judge,
+        eval_temperature=cfg.pipeline.eval_temperature,
+        seed=cfg.pipeline.seed,
+        results=str(output),
         wall_time_s=time.perf_counter() - t0,
     )
     summary_path_for(output).write_text(json.dumps(summary, indent=2))
-    log(f"accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['questions']}); "
+    log(
+        f"accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['questions']}); "
         f"{summary['tool_calls_per_question']:.2f} tool calls and {summary['response_tokens_per_question']:.0f} "
-        f"response tokens per question")
+        f"response tokens per question"
+    )
     log(f"results: {output}; summary: {summary_path_for(output)}")
     return summary

@@ -8,6 +8,7 @@ them from Kubernetes Secrets or files (deploy/kuberay/).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import time
 from pathlib import Path
@@ -42,10 +43,20 @@ def runtime_env(pip: list[str] | None = None, env_vars: dict[str, str] | None = 
     return env
 
 
-def submit(address: str, config: str, overrides: list[str], *, output_dir: str | None = None, pip: list[str] | None = None,
-           env_vars: dict[str, str] | None = None, submission_id: str | None = None) -> str:
+def submit(
+    address: str,
+    config: str,
+    overrides: list[str],
+    *,
+    output_dir: str | None = None,
+    pip: list[str] | None = None,
+    env_vars: dict[str, str] | None = None,
+    submission_id: str | None = None,
+) -> str:
     return client(address).submit_job(
-        entrypoint=entrypoint(config, overrides, output_dir), runtime_env=runtime_env(pip, env_vars), submission_id=submission_id
+        entrypoint=entrypoint(config, overrides, output_dir),
+        runtime_env=runtime_env(pip, env_vars),
+        submission_id=submission_id,
     )
 
 
@@ -72,10 +83,8 @@ def follow(address: str, job_id: str, write, poll_s: float = 2.0) -> str:
         async for chunk in client(address).tail_job_logs(job_id):
             write(chunk)
 
-    try:
+    with contextlib.suppress(Exception):  # the log stream closes when the job ends; the status below is what counts
         asyncio.run(tail())
-    except Exception:  # the log stream closes when the job ends; the status below is what counts
-        pass
     while (status := job_status(address, job_id)["status"]) not in TERMINAL:
         time.sleep(poll_s)
     return status

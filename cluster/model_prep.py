@@ -81,7 +81,9 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
     if m.source == "path":
         path = Path(m.path).expanduser()
         if not is_model_dir(path):
-            raise FileNotFoundError(f"model.path {path} is not a Hugging Face model folder (config.json + *.safetensors)")
+            raise FileNotFoundError(
+                f"model.path {path} is not a Hugging Face model folder (config.json + *.safetensors)"
+            )
         return path
     cache = Path(m.cache_dir).expanduser()
     base = smollm2_base(cache, log)
@@ -123,9 +125,7 @@ def demonstration_samples(cfg: RunConfig, tokenizer) -> list:
     return [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, 0.0, t.question_id) for t in episodes]
 
 
-def build_warm_start(
-    cfg: RunConfig, base: Path, out: Path, key: dict, precision: Precision, log: Log = print
-) -> None:
+def build_warm_start(cfg: RunConfig, base: Path, out: Path, key: dict, precision: Precision, log: Log = print) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,17 +135,32 @@ def build_warm_start(
     ws = cfg.model.warm_start
     tokenizer = AutoTokenizer.from_pretrained(base)
     samples = demonstration_samples(cfg, tokenizer)
-    log(f"warm start: {ws.steps} supervised steps on {len(samples)} demo-world episodes (hops {ws.hops}), "
-        f"{precision.name} ({precision.reason})")
+    log(
+        f"warm start: {ws.steps} supervised steps on {len(samples)} demo-world episodes (hops {ws.hops}), "
+        f"{precision.name} ({precision.reason})"
+    )
     torch.manual_seed(ws.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     result = supervised_warm_start(
-        model, samples, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=ws.seed,
-        pad_id=tokenizer.pad_token_id, bf16=precision.bf16,
+        model,
+        samples,
+        steps=ws.steps,
+        batch_size=ws.batch_size,
+        lr=ws.lr,
+        seed=ws.seed,
+        pad_id=tokenizer.pad_token_id,
+        bf16=precision.bf16,
         on_step=lambda s, loss: log(f"warm start step {s}/{ws.steps}: loss {loss:.3f}"),
     )
-    meta = {"source": f"{cfg.model.source}-warm-start", "base": str(base), "key": key, "losses": result.losses,
-            "seconds": result.seconds, "precision": precision.name, "precision_reason": precision.reason}
+    meta = {
+        "source": f"{cfg.model.source}-warm-start",
+        "base": str(base),
+        "key": key,
+        "losses": result.losses,
+        "seconds": result.seconds,
+        "precision": precision.name,
+        "precision_reason": precision.reason,
+    }
     save_model_dir(model, tokenizer, out, meta)
     log(f"warm start done in {result.seconds:.0f} s -> {out}")
 

@@ -31,7 +31,8 @@ def follow_run(controller, steps: int, console: Console, poll_s: float = 1.0) ->
             if s:
                 detail = (
                     f"reward {_fmt(s['reward'], '.3f')}  train acc {_fmt(s['train_accuracy'], '.2f')}  "
-                    f"held-out acc {_fmt(s['eval_accuracy'], '.2f')}  v{s['version']}  step {_fmt(s['step_time_s'], '.0f')} s"
+                    f"held-out acc {_fmt(s['eval_accuracy'], '.2f')}  v{s['version']}  "
+                    f"step {_fmt(s['step_time_s'], '.0f')} s"
                 )
                 progress.update(task, description=s["phase"], completed=s["version"], detail=detail)
             if done:

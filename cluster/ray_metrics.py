@@ -42,7 +42,25 @@ COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 STALENESS_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 # Step phases and weight syncs: tens of milliseconds (a tiny model on GPUs) to tens of minutes
 # (a 4B model's step on CPUs).
-SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+SECONDS_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    2500.0,
+)
 # Judging one trajectory: microseconds (the rule judge) to minutes (an LLM judge with retries).
 JUDGE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -60,25 +78,60 @@ SPECS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
         MetricSpec("rapo_episodes_total", COUNTER, "Episodes trained on (a step's groups x samples per question)."),
-        MetricSpec("rapo_generated_tokens_total", COUNTER,
-                   "Tokens the policy generated in the episodes trained on (tool responses and prompts excluded)."),
+        MetricSpec(
+            "rapo_generated_tokens_total",
+            COUNTER,
+            "Tokens the policy generated in the episodes trained on (tool responses and prompts excluded).",
+        ),
         MetricSpec("rapo_reward", GAUGE, "Mean reward of the episodes of the last training step."),
-        MetricSpec("rapo_accuracy", GAUGE, "Judged-correct fraction: the last step's episodes (split=train) or the last "
-                   "held-out evaluation (split=eval).", ("split",)),
-        MetricSpec("rapo_staleness", HISTOGRAM, "Policy versions between a trained group's start and the version it "
-                   "was trained at (0 = on-policy).", boundaries=STALENESS_BUCKETS),
-        MetricSpec("rapo_queue_depth", GAUGE, "Groups waiting: scored and queued for the learner (queue=groups) or "
-                   "in generation and scoring (queue=running).", ("queue",)),
-        MetricSpec("rapo_judge_latency_seconds", HISTOGRAM, "Time to judge one trajectory (answer and step labels, "
-                   "retries included), per reward actor.", boundaries=JUDGE_BUCKETS),
-        MetricSpec("rapo_judge_errors_total", COUNTER, "Failed judge calls by reason (http_429, http_5xx, http_4xx, "
-                   "timeout, connection, invalid_reply, wrong_label_count) and reward actors lost (actor_failure).",
-                   ("reason",)),
-        MetricSpec("rapo_weight_sync_seconds", HISTOGRAM, "Publishing new weights and loading them into every rollout "
-                   "worker.", boundaries=SECONDS_BUCKETS),
+        MetricSpec(
+            "rapo_accuracy",
+            GAUGE,
+            "Judged-correct fraction: the last step's episodes (split=train) or the last "
+            "held-out evaluation (split=eval).",
+            ("split",),
+        ),
+        MetricSpec(
+            "rapo_staleness",
+            HISTOGRAM,
+            "Policy versions between a trained group's start and the version it was trained at (0 = on-policy).",
+            boundaries=STALENESS_BUCKETS,
+        ),
+        MetricSpec(
+            "rapo_queue_depth",
+            GAUGE,
+            "Groups waiting: scored and queued for the learner (queue=groups) or "
+            "in generation and scoring (queue=running).",
+            ("queue",),
+        ),
+        MetricSpec(
+            "rapo_judge_latency_seconds",
+            HISTOGRAM,
+            "Time to judge one trajectory (answer and step labels, retries included), per reward actor.",
+            boundaries=JUDGE_BUCKETS,
+        ),
+        MetricSpec(
+            "rapo_judge_errors_total",
+            COUNTER,
+            "Failed judge calls by reason (http_429, http_5xx, http_4xx, "
+            "timeout, connection, invalid_reply, wrong_label_count) and reward actors lost (actor_failure).",
+            ("reason",),
+        ),
+        MetricSpec(
+            "rapo_weight_sync_seconds",
+            HISTOGRAM,
+            "Publishing new weights and loading them into every rollout worker.",
+            boundaries=SECONDS_BUCKETS,
+        ),
         MetricSpec("rapo_policy_version", GAUGE, "Latest policy version published to the rollout workers."),
-        MetricSpec("rapo_step_seconds", HISTOGRAM, "Time per phase of a training step (wait, train, weight_sync, step; "
-                   "generate and reward are per-group means; eval per evaluation).", ("phase",), SECONDS_BUCKETS),
+        MetricSpec(
+            "rapo_step_seconds",
+            HISTOGRAM,
+            "Time per phase of a training step (wait, train, weight_sync, step; "
+            "generate and reward are per-group means; eval per evaluation).",
+            ("phase",),
+            SECONDS_BUCKETS,
+        ),
     )
 }
 
@@ -111,7 +164,7 @@ def _phases(metrics: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
     """("train", 3.2) for every "time/train_s" in the dict."""
     for key, value in metrics.items():
         if key.startswith("time/") and key.endswith("_s") and len(key) > len("time/_s"):
-            yield key[len("time/"):-len("_s")], value
+            yield key[len("time/") : -len("_s")], value
 
 
 def step_records(metrics: Mapping[str, Any], *, episodes: int, lags: Iterable[int] = ()) -> list[Record]:
@@ -134,7 +187,7 @@ def step_records(metrics: Mapping[str, Any], *, episodes: int, lags: Iterable[in
         _add(out, "rapo_staleness", lag)
     for key, value in metrics.items():
         if key.startswith("queue/") and key.endswith("_depth") and len(key) > len("queue/_depth"):
-            _add(out, "rapo_queue_depth", value, queue=key[len("queue/"):-len("_depth")])
+            _add(out, "rapo_queue_depth", value, queue=key[len("queue/") : -len("_depth")])
     if "pipeline/running_groups" in metrics:
         _add(out, "rapo_queue_depth", metrics["pipeline/running_groups"], queue="running")
     _add(out, "rapo_weight_sync_seconds", metrics.get("time/weight_sync_s"))
@@ -254,7 +307,9 @@ def registry() -> dict[str, Any]:
     return _registry
 
 
-def emit(records: Iterable[Record], metrics: Mapping[str, Any] | None = None, keeper: GaugeKeeper | None = None) -> None:
+def emit(
+    records: Iterable[Record], metrics: Mapping[str, Any] | None = None, keeper: GaugeKeeper | None = None
+) -> None:
     """Record ``records`` on Ray's metrics, gauges kept fresh by this process' keeper (or on
     ``metrics``, name -> object, and ``keeper``, for tests). Never raises."""
     try:

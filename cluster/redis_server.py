@@ -116,7 +116,11 @@ def start_redis(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            log = (data_dir / "redis.log").read_text(errors="replace")[-2000:] if (data_dir / "redis.log").exists() else ""
+            log = (
+                (data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                if (data_dir / "redis.log").exists()
+                else ""
+            )
             raise RedisStartError(f"redis-server exited with code {proc.returncode}: {err or log}")
         try:
             if server.client().ping():
@@ -125,4 +129,3 @@ def start_redis(
             time.sleep(0.05)
     server.stop()
     raise RedisStartError(f"redis-server did not answer on {host}:{port} within {timeout:.0f} s")
-

@@ -48,7 +48,13 @@ class Tracker:
         self.experiment_id = experiment_id
         self.run_id: str | None = None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> str:
+    def start(
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> str:
         """A new MLflow run, or the one a resumed run continues (its metrics carry on by step)."""
         if resume_run_id:
             run = self.mlflow.start_run(run_id=resume_run_id)

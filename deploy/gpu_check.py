@@ -134,13 +134,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl", action="store_true", help="learner.kl_coef=0.001: also load and run the reference model")
     p.add_argument("--torch-adam", action="store_true",
                    help="torch's AdamW instead of DeepSpeed's FusedAdam on GPU (if FusedAdam cannot be built here)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of one GPU (overrides the table)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s of one GPU (overrides the table)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="where to write the random model, kept for later checks (default: a temp folder, removed)")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where to write the random model, kept for later checks (default: a temp folder, removed)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="profile one extra (untimed) step with torch.profiler; write the op table here, print its top")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile one extra (untimed) step with torch.profiler; write the op table here, print its top",
+    )
     args = p.parse_args(argv)
     small = args.cpu
     args.batch = args.batch or (4 if small else 8)
@@ -168,8 +177,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def dist_env() -> tuple[int, int, int, str, int]:
     """(rank, world_size, local_rank, master_addr, master_port) from torchrun, else a single rank."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)))
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", 29500)),
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -206,12 +220,14 @@ def build_model_dir(out: Path, arch: dict, seed: int) -> dict:
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     try:
-        from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+        from transformers import Qwen3Config as Config
+        from transformers import Qwen3ForCausalLM as Model
 
         cfg_kwargs = dict(arch)
         family = "qwen3"
     except ImportError:  # transformers < 4.51
-        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+        from transformers import LlamaConfig as Config
+        from transformers import LlamaForCausalLM as Model
 
         cfg_kwargs = dict(arch)
         family = "llama (Qwen3 not in this transformers)"
@@ -222,8 +238,14 @@ def build_model_dir(out: Path, arch: dict, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     write_tokenizer(out, arch["vocab_size"])
-    meta = {"arch": arch, "family": family, "transformers": transformers.__version__, "params_total": total,
-            "params_embedding": embed, "params_non_embedding": total - embed}
+    meta = {
+        "arch": arch,
+        "family": family,
+        "transformers": transformers.__version__,
+        "params_total": total,
+        "params_embedding": embed,
+        "params_non_embedding": total - embed,
+    }
     (out / "gpu_check_model.json").write_text(json.dumps(meta))
     return meta
 
@@ -278,20 +300,37 @@ def make_samples(n: int, seq_len: int, vocab: int, seed: int, lengths: str = "fi
         mask = episode_mask(seq_len, rng)[:length]
         mask[-1] = 1
         behaviour = (uniform + rng.normal(0, 0.05, size=length)).tolist()
-        samples.append(TrainSample(token_ids=ids, loss_mask=mask, behaviour_logprobs=behaviour,
-                                   advantage=float(rng.normal()), question_id=f"q{i // 4}"))
+        samples.append(
+            TrainSample(
+                token_ids=ids,
+                loss_mask=mask,
+                behaviour_logprobs=behaviour,
+                advantage=float(rng.normal()),
+                question_id=f"q{i // 4}",
+            )
+        )
     return samples
 
 
 def step_flops(samples, arch: dict, n_non_embedding: int) -> dict[str, float]:
-    d, L, H, Q, V = (arch["hidden_size"], arch["num_hidden_layers"], arch["num_attention_heads"],
-                     arch["head_dim"], arch["vocab_size"])
+    d, L, H, Q, V = (
+        arch["hidden_size"],
+        arch["num_hidden_layers"],
+        arch["num_attention_heads"],
+        arch["head_dim"],
+        arch["vocab_size"],
+    )
     tokens = sum(len(s.token_ids) for s in samples)
     loss_tokens = sum(s.loss_tokens for s in samples)
     attention = 12 * L * H * Q * sum(len(s.token_ids) ** 2 for s in samples)
     model = 6 * n_non_embedding * tokens + attention + 6 * V * d * loss_tokens
     all_head = 6 * (n_non_embedding + V * d) * tokens + attention
-    return {"tokens": tokens, "loss_tokens": loss_tokens, "flops": float(model), "flops_lm_head_all_tokens": float(all_head)}
+    return {
+        "tokens": tokens,
+        "loss_tokens": loss_tokens,
+        "flops": float(model),
+        "flops_lm_head_all_tokens": float(all_head),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,9 +338,26 @@ def step_flops(samples, arch: dict, n_non_embedding: int) -> dict[str, float]:
 
 def case_argv(args: argparse.Namespace) -> list[str]:
     """The options every --matrix case shares, as gpu_check.py arguments."""
-    out = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--chunk", str(args.chunk),
-           "--seed", str(args.seed), "--attention", args.attention, "--lengths", args.lengths]
+    out = [
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--chunk",
+        str(args.chunk),
+        "--seed",
+        str(args.seed),
+        "--attention",
+        args.attention,
+        "--lengths",
+        args.lengths,
+    ]
     flags = {"--cpu": args.cpu, "--kl": args.kl, "--torch-adam": args.torch_adam, "--no-packing": args.no_packing}
     out += [flag for flag, on in flags.items() if on]
     if args.max_tokens:
@@ -314,12 +370,16 @@ def case_argv(args: argparse.Namespace) -> list[str]:
 def mfu_table(results: list[dict]) -> str:
     """Markdown, ready for the README."""
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f} %"  # noqa: E731
-    lines = ["| shape | ZeRO | act. ckpt | layout | attention | tokens/s per GPU | step s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | ZeRO | act. ckpt | layout | attention | tokens/s per GPU | step s | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
-                         f"| | | {r['error']} | | | |")
+            lines.append(
+                f"| {r['shape']} | {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+                f"| | | {r['error']} | | | |"
+            )
             continue
         lines.append(
             f"| {r['shape']} | {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
@@ -340,13 +400,28 @@ def run_matrix(args: argparse.Namespace) -> int:
             for stage in (2, 3):
                 for ckpt in (True, False):
                     out = Path(tmp) / f"{shape}-z{stage}-{int(ckpt)}.json"
-                    cmd = [*case_argv(args), "--zero-stage", str(stage), "--json", str(out),
-                           "--model-dir", str(Path(tmp) / f"model-{shape}")]
+                    cmd = [
+                        *case_argv(args),
+                        "--zero-stage",
+                        str(stage),
+                        "--json",
+                        str(out),
+                        "--model-dir",
+                        str(Path(tmp) / f"model-{shape}"),
+                    ]
                     cmd += [] if args.cpu else ["--shape", shape]
                     cmd += [] if ckpt else ["--no-grad-ckpt"]
                     if args.nproc > 1:
-                        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node", str(args.nproc), __file__, *cmd]
+                        cmd = [
+                            sys.executable,
+                            "-m",
+                            "torch.distributed.run",
+                            "--standalone",
+                            "--nproc_per_node",
+                            str(args.nproc),
+                            __file__,
+                            *cmd,
+                        ]
                     else:
                         cmd = [sys.executable, __file__, *cmd]
                     print(f"== {shape}, ZeRO-{stage}, activation checkpointing {'on' if ckpt else 'off'}", flush=True)
@@ -355,8 +430,14 @@ def run_matrix(args: argparse.Namespace) -> int:
                         results.append(json.loads(out.read_text()))
                     else:
                         failed += 1
-                        results.append({"shape": shape, "zero_stage": stage, "gradient_checkpointing": ckpt,
-                                        "error": f"failed (exit {proc.returncode}; out of memory?)"})
+                        results.append(
+                            {
+                                "shape": shape,
+                                "zero_stage": stage,
+                                "gradient_checkpointing": ckpt,
+                                "error": f"failed (exit {proc.returncode}; out of memory?)",
+                            }
+                        )
     table = mfu_table(results)
     print()
     print(table)
@@ -393,7 +474,10 @@ def main(argv=None) -> int:
         return 2
     arch = TINY if args.cpu else SHAPES[args.shape]
     if args.seq_len > arch["max_position_embeddings"]:
-        print(f"error: --seq-len {args.seq_len} exceeds the model's {arch['max_position_embeddings']} positions", file=sys.stderr)
+        print(
+            f"error: --seq-len {args.seq_len} exceeds the model's {arch['max_position_embeddings']} positions",
+            file=sys.stderr,
+        )
         return 2
 
     tmp = None
@@ -419,9 +503,12 @@ def main(argv=None) -> int:
         wait_for(marker)
         meta = json.loads(marker.read_text())
     build_s = time.perf_counter() - t0
-    log(rank, f"model: random-init {meta['family']} ({meta['params_total'] / 1e6:.1f} M parameters, "
-              f"{meta['params_non_embedding'] / 1e6:.1f} M non-embedding) "
-              + (f"reused from {model_dir}" if reused else f"written to {model_dir} in {build_s:.1f} s"))
+    log(
+        rank,
+        f"model: random-init {meta['family']} ({meta['params_total'] / 1e6:.1f} M parameters, "
+        f"{meta['params_non_embedding'] / 1e6:.1f} M non-embedding) "
+        + (f"reused from {model_dir}" if reused else f"written to {model_dir} in {build_s:.1f} s"),
+    )
 
     if args.torch_adam:
         original = trainer_mod.ds_config
@@ -434,10 +521,18 @@ def main(argv=None) -> int:
         trainer_mod.ds_config = torch_adam_config
 
     lc = LearnerConfig(
-        num_ranks=world, zero_stage=args.zero_stage, dtype="float32" if args.cpu else "bfloat16",
-        micro_batch_size=args.micro_batch, mini_batches=1, lr=1e-6, betas=(0.9, 0.95),
-        kl_coef=0.001 if args.kl else 0.0, gradient_checkpointing=not args.no_grad_ckpt,
-        logprob_chunk_size=args.chunk, packing=not args.no_packing, attention=args.attention,
+        num_ranks=world,
+        zero_stage=args.zero_stage,
+        dtype="float32" if args.cpu else "bfloat16",
+        micro_batch_size=args.micro_batch,
+        mini_batches=1,
+        lr=1e-6,
+        betas=(0.9, 0.95),
+        kl_coef=0.001 if args.kl else 0.0,
+        gradient_checkpointing=not args.no_grad_ckpt,
+        logprob_chunk_size=args.chunk,
+        packing=not args.no_packing,
+        attention=args.attention,
         max_tokens_per_micro_batch=args.max_tokens,
     )
     dist = DistSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port)
@@ -447,8 +542,11 @@ def main(argv=None) -> int:
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     device_name = torch.cuda.get_device_name(0) if trainer.gpu else "cpu"
     layout = "padded" if args.no_packing else "packed"
-    log(rank, f"trainer: {backend} x {world}, ZeRO-{lc.zero_stage}, {lc.dtype}, device {device_name}, "
-              f"{layout} micro-batches, attention {trainer.attention}, ready in {setup_s:.1f} s")
+    log(
+        rank,
+        f"trainer: {backend} x {world}, ZeRO-{lc.zero_stage}, {lc.dtype}, device {device_name}, "
+        f"{layout} micro-batches, attention {trainer.attention}, ready in {setup_s:.1f} s",
+    )
 
     # Every rank draws the whole global batch from one seed and plans the same step: exact global counts.
     everything = make_samples(args.batch * world, args.seq_len, arch["vocab_size"], args.seed, args.lengths)
@@ -498,8 +596,7 @@ def main(argv=None) -> int:
                 times.append(dt)
                 losses.append(loss)
             tag = " (warm-up)" if i < args.warmup else (" (profiled, not timed)" if not timed else "")
-            log(rank, f"step {i + 1}/{total}{tag}: "
-                      f"{dt:.3f} s, loss {loss:+.5f}, grad norm {out['grad_norm']:.4f}")
+            log(rank, f"step {i + 1}/{total}{tag}: {dt:.3f} s, loss {loss:+.5f}, grad norm {out['grad_norm']:.4f}")
         peak_alloc = torch.cuda.max_memory_allocated() if trainer.gpu else 0
         peak_reserved = torch.cuda.max_memory_reserved() if trainer.gpu else 0
         total_mem = torch.cuda.get_device_properties(0).total_memory if trainer.gpu else 0
@@ -519,41 +616,86 @@ def main(argv=None) -> int:
     mfu = flops["flops"] / (step_s * world * peak) if peak else None
     mfu_all = flops["flops_lm_head_all_tokens"] / (step_s * world * peak) if peak else None
     result = {
-        "device": device_name, "world_size": world, "backend": backend, "zero_stage": lc.zero_stage, "dtype": lc.dtype,
-        "model": meta["family"], "params_total": meta["params_total"], "params_non_embedding": meta["params_non_embedding"],
-        "batch_per_rank": args.batch, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "gradient_checkpointing": lc.gradient_checkpointing, "kl": bool(args.kl),
+        "device": device_name,
+        "world_size": world,
+        "backend": backend,
+        "zero_stage": lc.zero_stage,
+        "dtype": lc.dtype,
+        "model": meta["family"],
+        "params_total": meta["params_total"],
+        "params_non_embedding": meta["params_non_embedding"],
+        "batch_per_rank": args.batch,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "gradient_checkpointing": lc.gradient_checkpointing,
+        "kl": bool(args.kl),
         "shape": "tiny" if args.cpu else args.shape,
-        "packing": lc.packing, "attention": trainer.attention, "lengths": args.lengths, "max_tokens": args.max_tokens,
-        "micro_batches_per_rank": len(micro), "pad_fraction": pad_fraction,
+        "packing": lc.packing,
+        "attention": trainer.attention,
+        "lengths": args.lengths,
+        "max_tokens": args.max_tokens,
+        "micro_batches_per_rank": len(micro),
+        "pad_fraction": pad_fraction,
         "optimizer": "torch AdamW" if (args.torch_adam or not trainer.gpu) else "DeepSpeed FusedAdam",
-        "tokens_per_step": flops["tokens"], "loss_tokens_per_step": flops["loss_tokens"],
-        "step_s_median": step_s, "step_s_min": min(times), "step_s_max": max(times),
-        "tokens_per_s": flops["tokens"] / step_s, "tokens_per_s_per_gpu": flops["tokens"] / step_s / world,
-        "model_tflops_per_step": flops["flops"] / 1e12, "achieved_tflops_per_gpu": flops["flops"] / step_s / world / 1e12,
-        "peak_tflops_per_gpu": peak / 1e12 if peak else None, "mfu": mfu, "mfu_lm_head_all_tokens": mfu_all,
-        "peak_mem_allocated_gib": peak_alloc / 2**30, "peak_mem_reserved_gib": peak_reserved / 2**30,
-        "gpu_mem_total_gib": total_mem / 2**30, "final_loss": losses[-1], "setup_s": setup_s,
+        "tokens_per_step": flops["tokens"],
+        "loss_tokens_per_step": flops["loss_tokens"],
+        "step_s_median": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "tokens_per_s": flops["tokens"] / step_s,
+        "tokens_per_s_per_gpu": flops["tokens"] / step_s / world,
+        "model_tflops_per_step": flops["flops"] / 1e12,
+        "achieved_tflops_per_gpu": flops["flops"] / step_s / world / 1e12,
+        "peak_tflops_per_gpu": peak / 1e12 if peak else None,
+        "mfu": mfu,
+        "mfu_lm_head_all_tokens": mfu_all,
+        "peak_mem_allocated_gib": peak_alloc / 2**30,
+        "peak_mem_reserved_gib": peak_reserved / 2**30,
+        "gpu_mem_total_gib": total_mem / 2**30,
+        "final_loss": losses[-1],
+        "setup_s": setup_s,
     }
     if rank == 0:
-        why = "n/a (unknown GPU: pass --peak-tflops)" if trainer.gpu else "n/a on CPU (pass --peak-tflops to compute it)"
+        why = (
+            "n/a (unknown GPU: pass --peak-tflops)" if trainer.gpu else "n/a on CPU (pass --peak-tflops to compute it)"
+        )
         pct = lambda x: why if x is None else f"{100 * x:.1f} %"  # noqa: E731
         print()
-        print(f"  device              {device_name} x {world} ({backend}, ZeRO-{lc.zero_stage}, {lc.dtype}, {result['optimizer']})")
+        print(
+            f"  device              {device_name} x {world} "
+            f"({backend}, ZeRO-{lc.zero_stage}, {lc.dtype}, {result['optimizer']})"
+        )
         cut = f"{args.max_tokens}-token micro-batches" if args.max_tokens else f"micro-batch {args.micro_batch}"
-        print(f"  batch               {world} x {args.batch} sequences ({args.lengths} lengths <= {args.seq_len}) = "
-              f"{flops['tokens']} tokens/step ({flops['loss_tokens']} in the loss mask), {cut}")
-        print(f"  layout              {layout}, attention {trainer.attention}, {len(micro)} micro-batches on rank 0, "
-              f"padding {100 * pad_fraction:.1f} % of the positions run")
-        print(f"  step time           {step_s:.3f} s median over {len(times)} (min {min(times):.3f}, max {max(times):.3f})")
+        print(
+            f"  batch               {world} x {args.batch} sequences ({args.lengths} lengths <= {args.seq_len}) = "
+            f"{flops['tokens']} tokens/step ({flops['loss_tokens']} in the loss mask), {cut}"
+        )
+        print(
+            f"  layout              {layout}, attention {trainer.attention}, {len(micro)} micro-batches on rank 0, "
+            f"padding {100 * pad_fraction:.1f} % of the positions run"
+        )
+        print(
+            f"  step time           {step_s:.3f} s median over {len(times)} "
+            f"(min {min(times):.3f}, max {max(times):.3f})"
+        )
         print(f"  tokens/s            {result['tokens_per_s']:,.0f} ({result['tokens_per_s_per_gpu']:,.0f} per GPU)")
         if trainer.gpu:
-            print(f"  peak GPU memory     {result['peak_mem_allocated_gib']:.2f} GiB allocated, "
-                  f"{result['peak_mem_reserved_gib']:.2f} GiB reserved, of {result['gpu_mem_total_gib']:.1f} GiB")
-        print(f"  model FLOPs/step    {result['model_tflops_per_step']:.1f} TFLOP -> {result['achieved_tflops_per_gpu']:.1f} TFLOP/s per GPU"
-              + (f" of {peak / 1e12:.0f} peak" if peak else ""))
-        print(f"  MFU                 {pct(mfu)}" + (f"   (LM head on every token, 6N convention: {pct(mfu_all)})" if mfu else ""))
-        print("  formula             MFU = [6*N_nonemb*T + 12*L*H*Q*sum(S_i^2) + 6*V*d*T_loss] / (step_s * world * peak)")
+            print(
+                f"  peak GPU memory     {result['peak_mem_allocated_gib']:.2f} GiB allocated, "
+                f"{result['peak_mem_reserved_gib']:.2f} GiB reserved, of {result['gpu_mem_total_gib']:.1f} GiB"
+            )
+        print(
+            f"  model FLOPs/step    {result['model_tflops_per_step']:.1f} TFLOP -> "
+            f"{result['achieved_tflops_per_gpu']:.1f} TFLOP/s per GPU"
+            + (f" of {peak / 1e12:.0f} peak" if peak else "")
+        )
+        print(
+            f"  MFU                 {pct(mfu)}"
+            + (f"   (LM head on every token, 6N convention: {pct(mfu_all)})" if mfu else "")
+        )
+        print(
+            "  formula             MFU = [6*N_nonemb*T + 12*L*H*Q*sum(S_i^2) + 6*V*d*T_loss] / (step_s * world * peak)"
+        )
         print("GPU_CHECK_RESULT " + json.dumps(result), flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))

@@ -127,18 +127,18 @@ class Collated:
     """One micro-batch as tensors. The per-token fields are always in the padded layout [B, T-1], so the
     loss code is the same whichever way the model ran; only the model's inputs differ when packed."""
 
-    input_ids: "object"  # torch.LongTensor [B, T]; packed: [1, N], N the samples' total length
-    attention_mask: "object"  # [B, T]; packed: None (the position ids say where each sample starts)
+    input_ids: object  # torch.LongTensor [B, T]; packed: [1, N], N the samples' total length
+    attention_mask: object  # [B, T]; packed: None (the position ids say where each sample starts)
     # Shifted by one: position t holds what predicts token t+1.
-    targets: "object"
-    target_mask: "object"  # bool [B, T-1]
-    behaviour_logprobs: "object"  # float [B, T-1]
-    has_behaviour: "object"  # bool [B, 1]
-    advantages: "object"  # float [B, 1]
+    targets: object
+    target_mask: object  # bool [B, T-1]
+    behaviour_logprobs: object  # float [B, T-1]
+    has_behaviour: object  # bool [B, 1]
+    advantages: object  # float [B, 1]
     # Packed only: positions restarting at 0 per sample [1, N], and for each (b, t) of the padded
     # layout the packed position whose hidden state predicts targets[b, t] [B, T-1].
-    position_ids: "object" = None
-    packed_index: "object" = None
+    position_ids: object = None
+    packed_index: object = None
 
     def model_inputs(self, device) -> dict:
         """Keyword arguments of PolicyLogprobs.forward, on ``device``."""

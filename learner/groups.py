@@ -40,7 +40,9 @@ class ScoredGroup:
         return not any(m.correct for m in self.members)
 
 
-def inject_replays(groups: list[ScoredGroup], stored: list[Trajectory | None], rng: np.random.Generator) -> list[int | None]:
+def inject_replays(
+    groups: list[ScoredGroup], stored: list[Trajectory | None], rng: np.random.Generator
+) -> list[int | None]:
     """RAPO replay: in each all-fail group whose question has a stored success, replace one random member.
 
     The copy keeps the stored tokens, masks, logprobs and reward, and is marked ``replayed``.
@@ -74,8 +76,13 @@ def batch_samples(
         for m, a in zip(g.members, row * g.weight):
             samples.append(
                 TrainSample(
-                    m.token_ids, m.loss_mask, None if (m.replayed and replay_on_policy) else m.behaviour_logprobs,
-                    float(a), m.question_id, m.replayed, staleness=version - m.policy_version_start,
+                    m.token_ids,
+                    m.loss_mask,
+                    None if (m.replayed and replay_on_policy) else m.behaviour_logprobs,
+                    float(a),
+                    m.question_id,
+                    m.replayed,
+                    staleness=version - m.policy_version_start,
                 )
             )
     return samples, stats.scale_factor, stats.n_good

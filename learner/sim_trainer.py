@@ -26,7 +26,9 @@ class SimulatedTrainer:
         time.sleep(self.step_s)
         tokens = float(sum(s.loss_tokens for mb in plan.mini_batches for s in mb.samples))
         self.version += 1
-        sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "clip_frac", "ratio", "is_weight", "prox_behaviour_abs_diff"), 0.0)
+        sums = dict.fromkeys(
+            ("loss", "pg_loss", "kl", "entropy", "clip_frac", "ratio", "is_weight", "prox_behaviour_abs_diff"), 0.0
+        )
         sums.update(tokens=tokens, grad_norm=0.0, train_time_s=time.perf_counter() - t0)
         return sums
 
@@ -49,5 +51,3 @@ class SimulatedTrainer:
 
     def close(self) -> None:
         return None
-
-

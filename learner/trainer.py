@@ -36,7 +36,7 @@ class DistSpec:
     master_port: int
 
 
-def ds_config(cfg: "LearnerConfig", per_rank_micro_batches: int, gpu: bool) -> dict:
+def ds_config(cfg: LearnerConfig, per_rank_micro_batches: int, gpu: bool) -> dict:
     """The DeepSpeed config of one rank; gradient accumulation covers one optimizer mini-batch."""
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -85,18 +85,28 @@ def init_distributed(dist: DistSpec, gpu: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: "LearnerConfig", model_dir: Path, dist: DistSpec, *, per_rank_micro_batches: int, temperature: float = 1.0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_dir: Path,
+        dist: DistSpec,
+        *,
+        per_rank_micro_batches: int,
+        temperature: float = 1.0,
+    ):
         import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.dist = dist
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         # bf16 master weights (cfg.dtype) need no autocast; fp32 ones use it only where bf16 is native.
-        self.precision = (detect_precision(cfg.autocast_bf16, self.device.type) if cfg.dtype == "float32"
-                          else Precision(False, "dtype=bfloat16: bf16 weights, no autocast"))
+        self.precision = (
+            detect_precision(cfg.autocast_bf16, self.device.type)
+            if cfg.dtype == "float32"
+            else Precision(False, "dtype=bfloat16: bf16 weights, no autocast")
+        )
         if not self.gpu:
             # Ray pins OMP_NUM_THREADS to the actor's num_cpus (often 1); on CPU that halves the step.
             torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // dist.world_size))
@@ -113,7 +123,8 @@ class Trainer:
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         policy = PolicyLogprobs(model, cfg.logprob_chunk_size, temperature)
         self.engine, *_ = deepspeed.initialize(
-            model=policy, model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            model=policy,
+            model_parameters=[p for p in policy.parameters() if p.requires_grad],
             config=ds_config(cfg, per_rank_micro_batches, self.gpu),
         )
         self.ref = self._load_reference(model_dir, temperature) if cfg.kl_coef > 0 else None
@@ -121,9 +132,8 @@ class Trainer:
         self._idle = TrainSample([self.pad_id, self.pad_id], [0, 1], None, 0.0)
 
     def _load_reference(self, model_dir: Path, temperature: float):
-        from transformers import AutoModelForCausalLM
-
         import deepspeed
+        from transformers import AutoModelForCausalLM
 
         ref_model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation=self.attention
@@ -136,8 +146,11 @@ class Trainer:
             # Partition the frozen copy too, or every rank would hold a full model for the KL term.
             engine, *_ = deepspeed.initialize(
                 model=ref,
-                config={"train_micro_batch_size_per_gpu": self.cfg.micro_batch_size, "zero_optimization": {"stage": 3},
-                        "bf16": {"enabled": self.cfg.dtype == "bfloat16"}},
+                config={
+                    "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+                    "zero_optimization": {"stage": 3},
+                    "bf16": {"enabled": self.cfg.dtype == "bfloat16"},
+                },
             )
             return engine
         return ref.to(self.device)
@@ -165,8 +178,15 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         sums = {
-            "loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "ratio": 0.0,
-            "is_weight": 0.0, "tokens": 0.0, "prox_behaviour_abs_diff": 0.0,
+            "loss": 0.0,
+            "pg_loss": 0.0,
+            "kl": 0.0,
+            "entropy": 0.0,
+            "clip_frac": 0.0,
+            "ratio": 0.0,
+            "is_weight": 0.0,
+            "tokens": 0.0,
+            "prox_behaviour_abs_diff": 0.0,
         }
         grad_norms = []
         # With one optimizer step per batch the proximal policy is the current one: its logprobs
@@ -183,7 +203,9 @@ class Trainer:
                 logp, entropy = self._forward(self.engine, batch)
                 prox = old[(m, k)] if old is not None else logp.detach()
                 # Samples without a behaviour policy count as on-policy: their weight is exactly 1.
-                behaviour = torch.where(batch.has_behaviour.to(self.device), batch.behaviour_logprobs.to(self.device), prox)
+                behaviour = torch.where(
+                    batch.has_behaviour.to(self.device), batch.behaviour_logprobs.to(self.device), prox
+                )
                 is_w = importance_weights(prox, behaviour, cfg.behaviour_is_cap) if cfg.behaviour_is_cap else None
                 terms = ppo_token_loss(logp, prox, batch.advantages.to(self.device), cfg.clip_low, cfg.clip_high, is_w)
                 per_token = terms.loss
@@ -283,8 +305,9 @@ class Trainer:
         """Stream the policy to the rollout engines, bucket by bucket; a collective under ZeRO-3."""
         from learner.weight_stream import send_weights
 
-        return send_weights(self.engine.module.model, plan, group, zero3=self.cfg.zero_stage == 3,
-                            is_sender=self.dist.rank == 0)
+        return send_weights(
+            self.engine.module.model, plan, group, zero3=self.cfg.zero_stage == 3, is_sender=self.dist.rank == 0
+        )
 
     def save_checkpoint(self, directory: Path, tag: str) -> None:
         self.engine.save_checkpoint(str(directory), tag=tag)

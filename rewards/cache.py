@@ -27,7 +27,9 @@ class RedisCache:
 
     def __init__(self, client: Any, prefix: str, ttl_s: float | None = None):
         if not prefix:
-            raise ValueError("a Redis cache needs a key prefix (e.g. the run's namespace) so that runs do not share keys")
+            raise ValueError(
+                "a Redis cache needs a key prefix (e.g. the run's namespace) so that runs do not share keys"
+            )
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
         self.client = client

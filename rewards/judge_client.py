@@ -50,7 +50,6 @@ from rewards.retry import RateLimiter, estimate_tokens, parse_retry_after, retry
 from rewards.secrets import read_secret
 from rollout.types import ToolCall
 
-
 log = logging.getLogger(__name__)
 class JudgeConfigError(ValueError):
     """The judge cannot be set up as configured; the message says what to change."""
@@ -122,7 +121,12 @@ JudgeCache = Cache[dict[str, Any]]
 
 def judgement_key(kind: str, model: str, messages: Sequence[Message]) -> str:
     """sha256 over what decides a judgement: its kind, the judge model and the exact prompt."""
-    payload = json.dumps({"kind": kind, "model": model, "messages": list(messages)}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(
+        {"kind": kind, "model": model, "messages": list(messages)},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -131,7 +135,9 @@ class RedisJudgeCache(RedisCache):
 
     def __init__(self, redis: Any, namespace: str, ttl_s: float | None = None):
         if not namespace:
-            raise ValueError("RedisJudgeCache needs a namespace (e.g. the run id) so that runs do not share keys by accident")
+            raise ValueError(
+                "RedisJudgeCache needs a namespace (e.g. the run id) so that runs do not share keys by accident"
+            )
         super().__init__(redis, f"{namespace}:judge", ttl_s)
 
     async def get(self, key: str) -> dict[str, Any] | None:
@@ -179,9 +185,7 @@ class JudgeStats:
 
     def as_dict(self) -> dict[str, float]:
         """Flat numbers for a metrics sink; every failure reason is present, zeros included."""
-        out: dict[str, float] = {
-            k: v for k, v in vars(self).items() if k != "failures" and isinstance(v, (int, float))
-        }
+        out: dict[str, float] = {k: v for k, v in vars(self).items() if k != "failures" and isinstance(v, (int, float))}
         out.update({f"failures_{r}": self.failures.get(r, 0) for r in FAILURE_REASONS})
         out["mean_latency_s"] = self.mean_latency_s
         out["total_tokens"] = self.total_tokens
@@ -288,11 +292,12 @@ class JudgeClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.settings.max_in_flight),
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-                headers=self._headers, raise_for_status=False,
+                headers=self._headers,
+                raise_for_status=False,
             )
         return self._session
 
-    async def __aenter__(self) -> "JudgeClient":
+    async def __aenter__(self) -> JudgeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -332,7 +337,9 @@ class JudgeClient:
             self.stats.skipped += 1
             return LabelOutcome([], "skipped")
         calls = list(tool_calls)
-        messages = labels_prompt(question, calls, budget_verification=budget_verification, result_chars=self.settings.result_chars)
+        messages = labels_prompt(
+            question, calls, budget_verification=budget_verification, result_chars=self.settings.result_chars
+        )
 
         def parse(text: str) -> tuple[dict[str, Any], int]:
             reply, forced = parse_labels_reply(text, calls)
@@ -350,7 +357,9 @@ class JudgeClient:
 
     # -- cache, sharing, retries -------------------------------------------------------------
 
-    async def _judge(self, kind: str, messages: list[Message], parse: Callable[[str], tuple[dict[str, Any], int]]) -> _Result:
+    async def _judge(
+        self, kind: str, messages: list[Message], parse: Callable[[str], tuple[dict[str, Any], int]]
+    ) -> _Result:
         key = judgement_key(kind, self.settings.model, messages)
         cached = await self._cache_get(key, parse)
         if cached is not None:
@@ -393,7 +402,9 @@ class JudgeClient:
     async def _cache_set(self, key: str, reply: dict[str, Any]) -> None:
         await self._cache.set(key, reply)
 
-    async def _call_with_retries(self, messages: list[Message], parse: Callable[[str], tuple[dict[str, Any], int]]) -> _Result:
+    async def _call_with_retries(
+        self, messages: list[Message], parse: Callable[[str], tuple[dict[str, Any], int]]
+    ) -> _Result:
         s = self.settings
         error = ""
         attempts = 0
@@ -411,8 +422,13 @@ class JudgeClient:
                 if not failure.retryable or retry == s.max_retries:
                     break
                 delay = retry_delay(
-                    retry, base_s=s.backoff_base_s, max_s=s.backoff_max_s, jitter=s.jitter,
-                    retry_after_s=failure.retry_after_s, retry_after_max_s=s.retry_after_max_s, rand=self._rand,
+                    retry,
+                    base_s=s.backoff_base_s,
+                    max_s=s.backoff_max_s,
+                    jitter=s.jitter,
+                    retry_after_s=failure.retry_after_s,
+                    retry_after_max_s=s.retry_after_max_s,
+                    rand=self._rand,
                 )
                 self.stats.retries += 1
                 log.debug("judge call failed (%s); retry %d in %.2f s", error, retry + 1, delay)
@@ -428,8 +444,13 @@ class JudgeClient:
         s = self.settings
         extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if s.json_mode else {}
         estimate = estimate_tokens(messages, s.max_tokens)
-        body = {"model": s.model, "messages": messages, "temperature": s.temperature, "max_tokens": s.max_tokens,
-                **extra}
+        body = {
+            "model": s.model,
+            "messages": messages,
+            "temperature": s.temperature,
+            "max_tokens": s.max_tokens,
+            **extra,
+        }
         async with self._semaphore:
             await self._limiter.acquire(estimate)
             self.stats.requests += 1
@@ -471,6 +492,7 @@ class JudgeClient:
         if not isinstance(content, str) or not content:
             raise _CallFailed("invalid_reply", "the reply has no message content")
         return content
+
 
 def _status_detail(status: int, raw: bytes) -> str:
     """The error message an OpenAI-style error body carries, else the start of the body."""

@@ -52,7 +52,7 @@ def failed_score(error: str, source: str = "failed") -> Score:
 
 
 async def score_or_fail(
-    traj: Trajectory, question: Question, spec: RewardSpec, judge: "JudgeClient | None" = None, llm_labels: bool = False
+    traj: Trajectory, question: Question, spec: RewardSpec, judge: JudgeClient | None = None, llm_labels: bool = False
 ) -> Score:
     """score_trajectory as the error boundary of one episode's judging: whatever raises becomes that
     episode's failure (reward 0, the error recorded), and the episodes judged beside it go on."""
@@ -63,7 +63,7 @@ async def score_or_fail(
 
 
 async def score_trajectory(
-    traj: Trajectory, question: Question, spec: RewardSpec, judge: "JudgeClient | None" = None, llm_labels: bool = False
+    traj: Trajectory, question: Question, spec: RewardSpec, judge: JudgeClient | None = None, llm_labels: bool = False
 ) -> Score:
     if traj.error:
         return failed_score(traj.error)  # nothing to judge: the episode itself failed
@@ -79,14 +79,23 @@ async def score_trajectory(
         reward = stage1_reward(traj.format_ok, correct, spec.format_weight)
         return Score(reward, correct, [], judge_source, "", retries, fallbacks, time.perf_counter() - t0)
     if llm_labels and judge is not None:
-        outcome = await judge.label_steps(question.question, traj.tool_calls, budget_verification=spec.budget_verification)
+        outcome = await judge.label_steps(
+            question.question, traj.tool_calls, budget_verification=spec.budget_verification
+        )
         labels, labels_source = outcome.labels, outcome.source
         retries, fallbacks = retries + max(0, outcome.attempts - 1), fallbacks + int(outcome.fallback)
     else:
         labels, labels_source = rule_labels(traj.tool_calls, budget_verification=spec.budget_verification), "rule"
     reward = stage2_reward(
-        traj.format_ok, correct, labels, format_weight=spec.format_weight, c_search=spec.c_search, c_query=spec.c_query,
-        cap_search=spec.cap_search, cap_query=spec.cap_query, clamp_delta=spec.clamp_delta,
+        traj.format_ok,
+        correct,
+        labels,
+        format_weight=spec.format_weight,
+        c_search=spec.c_search,
+        c_query=spec.c_query,
+        cap_search=spec.cap_search,
+        cap_query=spec.cap_query,
+        clamp_delta=spec.clamp_delta,
     )
     return Score(reward, correct, labels, judge_source, labels_source, retries, fallbacks, time.perf_counter() - t0)
 

@@ -57,7 +57,9 @@ class _EpisodeState:
 
 
 class AgentLoop:
-    def __init__(self, engine: Engine, toolbox: Toolbox, tokenizer, limits: EpisodeLimits, system_prompt: str = SYSTEM_PROMPT):
+    def __init__(
+        self, engine: Engine, toolbox: Toolbox, tokenizer, limits: EpisodeLimits, system_prompt: str = SYSTEM_PROMPT
+    ):
         self.engine = engine
         self.toolbox = toolbox
         self.tokenizer = tokenizer
@@ -71,7 +73,9 @@ class AgentLoop:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    async def run(self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str) -> Trajectory:
+    async def run(
+        self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str
+    ) -> Trajectory:
         """One episode. Whatever fails inside it (encoding, engine, tools) ends this episode only: the
         trajectory comes back with finish_reason "error" and the error recorded, its tokens kept but
         none trained on. Cancellation still propagates."""
@@ -80,11 +84,18 @@ class AgentLoop:
             return await self._play(question, sample_index, sampling, request_id, state)
         except Exception as e:  # noqa: BLE001 - the error boundary of one episode
             log.warning("episode %s/%d failed: %s: %s", question.id, sample_index, type(e).__name__, str(e)[:200])
-            return Trajectory.failed(question.id, sample_index, e, token_ids=state.ids,
-                                     prompt_length=state.prompt_length, version=self.engine.version)
+            return Trajectory.failed(
+                question.id,
+                sample_index,
+                e,
+                token_ids=state.ids,
+                prompt_length=state.prompt_length,
+                version=self.engine.version,
+            )
 
-    async def _play(self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str,
-                    state: "_EpisodeState") -> Trajectory:
+    async def _play(
+        self, question: Question, sample_index: int, sampling: EpisodeSampling, request_id: str, state: _EpisodeState
+    ) -> Trajectory:
         limits = self.limits
         prompt = self.encode(prompt_pieces(question.question, self.system_prompt))
         if len(prompt) + limits.min_turn_tokens > limits.max_model_len:

@@ -40,7 +40,9 @@ def _text_field(row: dict[str, Any], field: str, where: str, why: str) -> str:
         raise DatasetError(f"{where}: field {field!r} is missing or empty; {why}")
     if not isinstance(value, str):
         got = _JSON_TYPES.get(type(value), type(value).__name__)
-        raise DatasetError(f"{where}: field {field!r} must be a string (or a number), got {got} {json.dumps(value)[:60]}")
+        raise DatasetError(
+            f"{where}: field {field!r} must be a string (or a number), got {got} {json.dumps(value)[:60]}"
+        )
     return value.strip()
 
 
@@ -51,7 +53,7 @@ def _aliases(row: dict[str, Any], where: str) -> tuple[str, ...]:
         if values is None:
             continue
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise DatasetError(f"{where}: field {field!r} must be a list of strings, e.g. [\"NYC\", \"New York City\"]")
+            raise DatasetError(f'{where}: field {field!r} must be a list of strings, e.g. ["NYC", "New York City"]')
         for i, v in enumerate(values):
             if not v.strip():
                 # An empty alias would accept an empty model answer as correct.

@@ -26,11 +26,15 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(spec.dtype, torch.float32)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            spec.dtype, torch.float32
+        )
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype).eval()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.eos_id = self.tokenizer.eos_token_id
         self.max_batch = spec.max_num_seqs
         self.version = 0
@@ -73,7 +77,9 @@ class HFEngine:
     def _take_batch(self) -> list[_Request]:
         # Same sampling settings per batch: generate() takes one temperature.
         first = self._pending[0].sampling
-        batch = [r for r in self._pending if (r.sampling.temperature, r.sampling.top_p) == (first.temperature, first.top_p)]
+        batch = [
+            r for r in self._pending if (r.sampling.temperature, r.sampling.top_p) == (first.temperature, first.top_p)
+        ]
         batch = batch[: self.max_batch]
         taken = {id(r) for r in batch}
         self._pending = [r for r in self._pending if id(r) not in taken]

@@ -81,7 +81,7 @@ class Trajectory:
 
     @classmethod
     def failed(cls, question_id: str, sample_index: int, error: BaseException | str, *,
-               token_ids: list[int] | None = None, prompt_length: int = 0, version: int = 0) -> "Trajectory":
+               token_ids: list[int] | None = None, prompt_length: int = 0, version: int = 0) -> Trajectory:
         ids = list(token_ids or [])
         return cls(
             question_id=question_id, sample_index=sample_index, token_ids=ids, loss_mask=[0] * len(ids),
@@ -109,7 +109,7 @@ class Trajectory:
             )
 
     # Compact wire format: arrays as raw bytes, the rest as JSON. Used for Redis and checkpoints.
-    def pack(self) -> "Trajectory":
+    def pack(self) -> Trajectory:
         """Token ids, loss mask and logprobs as numpy arrays of their wire types (in place).
 
         A rollout worker packs what it returns: arrays cross Ray without per-element pickling and
@@ -133,7 +133,7 @@ class Trajectory:
         }
 
     @classmethod
-    def from_wire(cls, fields: dict[bytes | str, bytes]) -> "Trajectory":
+    def from_wire(cls, fields: dict[bytes | str, bytes]) -> Trajectory:
         get = lambda k: fields[k] if k in fields else fields[k.encode()]  # noqa: E731
         meta = json.loads(get("meta"))
         meta["tool_calls"] = [ToolCall(**c) for c in meta["tool_calls"]]

@@ -82,7 +82,9 @@ class VLLMEngine:
         )
         version_start = self.version
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id):
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id
+        ):
             final = out
         assert final is not None
         completion = final.outputs[0]

@@ -12,6 +12,7 @@ backend's weight repacking and maps stacked parameters (qkv, gate_up) as a check
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,10 +82,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def shutdown(self) -> None:
         if self.group is not None:
-            try:
+            # A group whose peers died may not shut down cleanly; it is dropped anyway.
+            with contextlib.suppress(Exception):
                 self.group.shutdown()
-            except Exception:  # a group whose peers died may not shut down cleanly; it is dropped anyway
-                pass
             self.group = None
 
 

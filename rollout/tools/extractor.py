@@ -36,7 +36,7 @@ Goal: {goal}
 Answer in plain text with exactly these three sections:
 Rationale: why parts of this page are (or are not) relevant to the goal.
 Evidence: the relevant passages quoted from the page, one bullet ("- ") each, with the details (names, numbers, dates) kept exactly.
-Summary: a short, self-contained summary of what the page says about the goal; if the page does not address the goal, say so."""
+Summary: a short, self-contained summary of what the page says about the goal; if the page does not address the goal, say so."""  # noqa: E501
 
 # Reasoning models (Qwen3, DeepSeek-R1) served without a reasoning parser put their thinking inline.
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)

@@ -63,7 +63,7 @@ class Toolbox:
         self.passages_per_query = passages_per_query
 
     @classmethod
-    def from_config(cls, cfg, backend: ToolBackend, extractor=None) -> "Toolbox":
+    def from_config(cls, cfg, backend: ToolBackend, extractor=None) -> Toolbox:
         """From a ToolsConfig section (duck-typed: this package does not import the cluster config)."""
         return cls(
             backend,
@@ -76,7 +76,9 @@ class Toolbox:
 
     async def call(self, parsed: ParsedCall | ToolCallError, turn: int) -> ToolCall:
         if isinstance(parsed, ToolCallError):
-            return ToolCall(parsed.name, parsed.arguments, "malformed", parsed.reason, f"Error: {parsed.reason}", turn=turn)
+            return ToolCall(
+                parsed.name, parsed.arguments, "malformed", parsed.reason, f"Error: {parsed.reason}", turn=turn
+            )
         schema = TOOL_ARGS.get(parsed.name)
         if schema is None:
             reason = f"unknown tool {parsed.name!r}; the tools are {', '.join(TOOL_ARGS)}"

@@ -415,7 +415,8 @@ class WebBackend:
         for _hop in range(self.settings.max_redirects + 1):
             hop = target
             outcome = await self._twice(
-                lambda: self._within(budget, lambda: self._get_once(hop), late),
+                # the lambda runs (and is awaited) within this hop, while hop still is this hop
+                lambda: self._within(budget, lambda: self._get_once(hop), late),  # noqa: B023
                 self._host_limit,
                 hop.host,
                 f"fetching {hop.url} failed",

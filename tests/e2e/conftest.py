@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,7 +47,8 @@ class RapoProcess:
 
     def __init__(self, args: list[str], env: dict | None = None):
         full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
-        self.log = tempfile.NamedTemporaryFile(prefix="rapo-", suffix=".log", delete=False)
+        # Open for the whole life of the child, closed (and removed) by the rapo fixture.
+        self.log = tempfile.NamedTemporaryFile(prefix="rapo-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -76,10 +78,8 @@ class RapoProcess:
         raise AssertionError(f"{needle!r} not printed within {timeout} s:\n{self.output[-4000:]}")
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def group_gone(self, timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout

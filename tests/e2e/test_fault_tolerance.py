@@ -77,11 +77,17 @@ def faulty_run(tmp_path_factory):
             proc.wait_for_line("redis:", 5)
             redis_pid = int(re.search(r"redis: \S+ \(pid (\d+)", proc.output).group(1))
         os.kill(redis_pid, signal.SIGTERM)  # Redis flushes its AOF and exits
-        while os.path.exists(f"/proc/{redis_pid}") and "Z" not in Path(f"/proc/{redis_pid}/stat").read_text().split()[2]:
+        while (
+            os.path.exists(f"/proc/{redis_pid}") and "Z" not in Path(f"/proc/{redis_pid}/stat").read_text().split()[2]
+        ):
             time.sleep(0.05)
         time.sleep(1.0)  # the run now sees connection errors
-        restarted_redis = subprocess.Popen(["redis-server", str(run / "redis" / "redis.conf")], stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, start_new_session=True)
+        restarted_redis = subprocess.Popen(
+            ["redis-server", str(run / "redis" / "redis.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         events["redis_restarted"] = True
 
         code = proc.wait(timeout=900)

@@ -101,8 +101,11 @@ def test_stage2_run_through_the_llm_judge_keeps_its_secrets(rapo, tmp_path):
             faults = srv.count_by_fault()
 
         summary = json.loads((out / "summary.json").read_text())
-        print(f"judge: {len(chat)} chat requests, tasks {Counter(r.task for r in chat)}, faults {dict(faults)}; summary {summary['judge_requests']} requests, "
-              f"{summary['judge_fallbacks']} fallbacks, {summary['tool_calls_per_episode']} tool calls/episode")
+        print(
+            f"judge: {len(chat)} chat requests, tasks {Counter(r.task for r in chat)}, faults {dict(faults)}; "
+            f"summary {summary['judge_requests']} requests, "
+            f"{summary['judge_fallbacks']} fallbacks, {summary['tool_calls_per_episode']} tool calls/episode"
+        )
 
         # ---- the LLM path was taken, with the key from the environment ------------------------
         assert summary["status"] == "completed" and summary["steps"] == STEPS
@@ -129,7 +132,9 @@ def test_stage2_run_through_the_llm_judge_keeps_its_secrets(rapo, tmp_path):
         for path in by_design:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         run_files = [f for f in _files(out) if f not in by_design]
-        assert {"summary.json", "status.json", "config.yaml", "history.json", "mlflow.db"} <= {f.name for f in run_files}
+        assert {"summary.json", "status.json", "config.yaml", "history.json", "mlflow.db"} <= {
+            f.name for f in run_files
+        }
         assert any("mlartifacts" in f.parts for f in run_files)
         assert any("appendonlydir" in f.parts for f in run_files), "no AOF to search"
         ray_files = list(_files(ray_tmp))
@@ -150,7 +155,11 @@ def test_stage2_run_through_the_llm_judge_keeps_its_secrets(rapo, tmp_path):
         # The secret filter drops values, not the names of where secrets come from, nor token counts.
         assert run.data.params["rewards.judge.api_key_env"] == KEY_ENV
         assert run.data.params["rollout.max_tokens_per_turn"] == "96"
-        leaked = [name for name, value in [*run.data.params.items(), *run.data.tags.items()] if key in value or password in value]
+        leaked = [
+            name
+            for name, value in [*run.data.params.items(), *run.data.tags.items()]
+            if key in value or password in value
+        ]
         assert not leaked, f"a secret is in the MLflow params or tags {leaked}"
 
         # ---- MLflow shows what the judge did ---------------------------------------------------
@@ -158,9 +167,17 @@ def test_stage2_run_through_the_llm_judge_keeps_its_secrets(rapo, tmp_path):
         last = run.data.metrics  # the latest value of each metric
         labels = {k: v for k, v in last.items() if k.startswith("labels/")}
         assert labels and sum(labels.values()) > 0, sorted(last)
-        assert set(labels) <= {f"labels/{x}" for x in ("UNIQUESEARCH", "REDUNDANTSEARCH", "EXPLORATION", "VERIFICATION", "REDUNDANTQUERY")}
+        assert set(labels) <= {
+            f"labels/{x}" for x in ("UNIQUESEARCH", "REDUNDANTSEARCH", "EXPLORATION", "VERIFICATION", "REDUNDANTQUERY")
+        }
         assert last["judge/source_llm"] > 0  # trajectories whose verdict (and labels) came from the LLM
-        for metric in ("judge/latency_s", "judge/request_latency_s", "judge/requests", "judge/retries", "judge/fallbacks"):
+        for metric in (
+            "judge/latency_s",
+            "judge/request_latency_s",
+            "judge/requests",
+            "judge/retries",
+            "judge/fallbacks",
+        ):
             assert [m.step for m in client.get_metric_history(run_id, metric)] == list(range(1, STEPS + 1)), metric
         # Time to judge one trajectory, and one HTTP call, which the server delays by LATENCY_S.
         assert last["judge/latency_s"] > 0

@@ -16,7 +16,15 @@ def _history(run_dir):
 def test_resumed_run_matches_the_uninterrupted_one(rapo, tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     common = ["learner.num_ranks=2", "learner.zero_stage=3"]
-    a = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(whole), "pipeline.steps=4", "learner.checkpoint_every=2", *common)
+    a = rapo(
+        "run",
+        "deploy/configs/smoke.yaml",
+        "--output-dir",
+        str(whole),
+        "pipeline.steps=4",
+        "learner.checkpoint_every=2",
+        *common,
+    )
     assert a.wait(timeout=900) == 0, a.output[-3000:]
     b = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(part), "pipeline.steps=2", *common)
     assert b.wait(timeout=900) == 0, b.output[-3000:]

@@ -31,7 +31,9 @@ def _scale(n: int) -> dict:
 
 def test_scale_up_and_down_while_training(rapo, tmp_path):
     run = tmp_path / "run"
-    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(run), "pipeline.mode=async", f"pipeline.steps={STEPS}")
+    p = rapo(
+        "run", "deploy/configs/smoke.yaml", "--output-dir", str(run), "pipeline.mode=async", f"pipeline.steps={STEPS}"
+    )
     _wait_for_step(run, p, 1)
     up = _scale(2)
     assert up["added"] == ["rollout-1"] and up["workers"] == 2

@@ -33,11 +33,28 @@ def ray_head(tmp_path):
     # A job's entrypoint runs `python` from the head's PATH, as on a cluster image where the
     # project is installed: put this environment's interpreter first (CI does not activate it).
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -66,14 +83,29 @@ def ray_head(tmp_path):
 
 
 def _rapo(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
 
 
 def test_submit_wait_then_status(ray_head, tmp_path):
     out = tmp_path / "job-run"
-    sub = _rapo("submit", "deploy/configs/smoke.yaml", "pipeline.steps=2", "--address", ray_head, "--output-dir", str(out),
-                "--wait", timeout=900)
+    sub = _rapo(
+        "submit",
+        "deploy/configs/smoke.yaml",
+        "pipeline.steps=2",
+        "--address",
+        ray_head,
+        "--output-dir",
+        str(out),
+        "--wait",
+        timeout=900,
+    )
     assert sub.returncode == 0, sub.stderr[-4000:]
     job_id = sub.stdout.strip().splitlines()[0]
     status = _rapo("status", job_id, "--address", ray_head, "--json", timeout=60)
@@ -82,7 +114,11 @@ def test_submit_wait_then_status(ray_head, tmp_path):
     table = _rapo("status", job_id, "--address", ray_head, timeout=60)  # what an operator reads
     assert table.returncode == 0, table.stderr
     assert job_id in table.stdout and any("status" in ln and "SUCCEEDED" in ln for ln in table.stdout.splitlines())
-    assert info["status"] == "SUCCEEDED" and "cluster.cli run" in info["entrypoint"] and "ray.address=auto" in info["entrypoint"]
+    assert (
+        info["status"] == "SUCCEEDED"
+        and "cluster.cli run" in info["entrypoint"]
+        and "ray.address=auto" in info["entrypoint"]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
     logs = _rapo("logs", job_id, "--address", ray_head, timeout=60)
@@ -107,11 +143,31 @@ def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     sub = subprocess.run(
-        [str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
-         "python", "-m", "cluster.cli", "run", "deploy/configs/smoke.yaml", "pipeline.steps=1",
-         "--output-dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(ray_bin),
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps({"excludes": UPLOAD_EXCLUDES}),
+            "--",
+            "python",
+            "-m",
+            "cluster.cli",
+            "run",
+            "deploy/configs/smoke.yaml",
+            "pipeline.steps=1",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
     assert "joined the cluster" in sub.stdout and "(from RAY_ADDRESS)" in sub.stdout, sub.stdout[-4000:]

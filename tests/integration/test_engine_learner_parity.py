@@ -53,19 +53,29 @@ def trainer(tiny_model_dir):
     from cluster.config import LearnerConfig
     from learner.trainer import DistSpec, Trainer
 
-    cfg = LearnerConfig(zero_stage=2, micro_batch_size=4, autocast_bf16=False, kl_coef=0.0, lr=1e-3, gradient_checkpointing=False)
+    cfg = LearnerConfig(
+        zero_stage=2, micro_batch_size=4, autocast_bf16=False, kl_coef=0.0, lr=1e-3, gradient_checkpointing=False
+    )
     tr = Trainer(cfg, tiny_model_dir, DistSpec(0, 1, "127.0.0.1", _free_port()), per_rank_micro_batches=2)
     yield tr
     tr.close()
 
 
 def _generate(engine, loop, tokenizer, n=8, seed=0):
-    prompts = [tokenizer.encode(f"<|im_start|>user\nQuestion number {i}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False) for i in range(n)]
+    prompts = [
+        tokenizer.encode(
+            f"<|im_start|>user\nQuestion number {i}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+        )
+        for i in range(n)
+    ]
 
     async def run():
-        return await asyncio.gather(*(
-            engine.generate(p, SamplingConfig(max_tokens=24, temperature=1.0, seed=seed + i), f"g{seed}-{i}") for i, p in enumerate(prompts)
-        ))
+        return await asyncio.gather(
+            *(
+                engine.generate(p, SamplingConfig(max_tokens=24, temperature=1.0, seed=seed + i), f"g{seed}-{i}")
+                for i, p in enumerate(prompts)
+            )
+        )
 
     gens = loop.run_until_complete(run())
     return [
@@ -89,9 +99,12 @@ def test_many_long_seeded_prompts_at_once(engine, loop):
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(900)] for i in range(24)]
 
     async def run():
-        return await asyncio.gather(*(
-            engine.generate(p, SamplingConfig(max_tokens=8, temperature=1.0, seed=i), f"long-{i}") for i, p in enumerate(prompts)
-        ))
+        return await asyncio.gather(
+            *(
+                engine.generate(p, SamplingConfig(max_tokens=8, temperature=1.0, seed=i), f"long-{i}")
+                for i, p in enumerate(prompts)
+            )
+        )
 
     outs = loop.run_until_complete(run())
     assert all(len(o.token_ids) > 0 and len(o.logprobs) == len(o.token_ids) for o in outs)
@@ -112,7 +125,10 @@ def test_step_lowers_loss_then_pushed_weights_match(engine, trainer, loop, token
     for step in range(3):
         trainer.train_step(plan_step(samples, 1, 1, seed=step)[0])
     after = trainer.logprobs(MiniBatch(samples, 0, 0))
-    mean = lambda rows: sum(sum(r[t - 1] for t in range(1, len(s.token_ids)) if s.loss_mask[t]) for r, s in zip(rows, samples))  # noqa: E731
+
+    def mean(rows):
+        return sum(sum(r[t - 1] for t in range(1, len(s.token_ids)) if s.loss_mask[t]) for r, s in zip(rows, samples))
+
     assert mean(after) > mean(before) + 1.0  # the PPO surrogate with A=1 raised the sampled tokens' logprobs
 
     # The engine still holds the old weights: the gap is now large.
@@ -144,10 +160,12 @@ def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, train
     assert len(plan.bucket_sizes) > 3 and "lm_head.weight" in plan.names
 
     async def push():
-        group, _ = await asyncio.gather(asyncio.to_thread(join_group, address, store),
-                                        engine.join_weight_group(address.for_rank(1)))
-        sent, _ = await asyncio.gather(asyncio.to_thread(trainer.send_weights, plan, group),
-                                       engine.receive_weights(asdict(plan), 7))
+        group, _ = await asyncio.gather(
+            asyncio.to_thread(join_group, address, store), engine.join_weight_group(address.for_rank(1))
+        )
+        sent, _ = await asyncio.gather(
+            asyncio.to_thread(trainer.send_weights, plan, group), engine.receive_weights(asdict(plan), 7)
+        )
         group.shutdown()
         return sent
 

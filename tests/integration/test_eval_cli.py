@@ -13,7 +13,11 @@ import pytest
 from cluster.cli import main
 from tests.servers.openai_server import OpenAITestServer
 
-FAST = ["rollout.engine=simulated", "rollout.latency_model.per_token_s=0", "rollout.latency_model.prefill_per_token_s=0"]
+FAST = [
+    "rollout.engine=simulated",
+    "rollout.latency_model.per_token_s=0",
+    "rollout.latency_model.prefill_per_token_s=0",
+]
 KEY = "sk-rapo-eval-test-0123456789"
 
 
@@ -35,7 +39,9 @@ def questions(tmp_path):
 
 def test_heldout_set_by_default(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "held.jsonl"
-    assert main(["eval", str(tiny_model_dir), "--config", "deploy/configs/smoke.yaml", "--output", str(out), *FAST]) == 0
+    assert (
+        main(["eval", str(tiny_model_dir), "--config", "deploy/configs/smoke.yaml", "--output", str(out), *FAST]) == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary == json.loads((tmp_path / "held.summary.json").read_text())
     rows = read_jsonl(out)
@@ -51,12 +57,28 @@ def test_heldout_set_by_default(tiny_model_dir, tmp_path, capsys):
 
 def test_question_file_with_rule_judge(tiny_model_dir, questions, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    assert main(["eval", str(tiny_model_dir), "--config", "deploy/configs/smoke.yaml", "--data", str(questions),
-                 "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_model_dir),
+                "--config",
+                "deploy/configs/smoke.yaml",
+                "--data",
+                str(questions),
+                "--output",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     rows = read_jsonl(out)
     assert [(r["id"], r["gold"], r["aliases"], r["correct"]) for r in rows] == [
-        ("u1", "Unknown", [], True), ("line-2", "Osk", ["Osk City"], False), ("3", "nobody", ["unknown"], True),
+        ("u1", "Unknown", [], True),
+        ("line-2", "Osk", ["Osk City"], False),
+        ("3", "nobody", ["unknown"], True),
     ]
     assert summary["questions"] == 3 and summary["correct"] == 2 and summary["accuracy"] == pytest.approx(2 / 3)
     assert summary["data"] == str(questions)
@@ -68,8 +90,23 @@ def test_llm_judge_when_configured(tiny_model_dir, questions, tmp_path, capsys, 
     out = tmp_path / "r.jsonl"
     with OpenAITestServer(api_key=KEY) as srv:
         judge = [f"rewards.judge.base_url={srv.base_url}", f"rewards.judge.model={srv.model}"]
-        assert main(["eval", str(tiny_model_dir), "--config", "deploy/configs/smoke.yaml", "--data", str(questions),
-                     "--output", str(out), *FAST, *judge]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tiny_model_dir),
+                    "--config",
+                    "deploy/configs/smoke.yaml",
+                    "--data",
+                    str(questions),
+                    "--output",
+                    str(out),
+                    *FAST,
+                    *judge,
+                ]
+            )
+            == 0
+        )
         asked = [r for r in srv.requests if r.path.endswith("/chat/completions")]
     summary = json.loads(capsys.readouterr().out)
     assert len(asked) == 3 and all(r.authorized for r in asked)
@@ -81,8 +118,20 @@ def test_llm_judge_when_configured(tiny_model_dir, questions, tmp_path, capsys, 
 
 def test_llm_judge_without_its_key_stops_before_the_engine(tiny_model_dir, questions, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAPO_JUDGE_API_KEY", raising=False)
-    code = main(["eval", str(tiny_model_dir), "--config", "deploy/configs/smoke.yaml", "--data", str(questions),
-                 "--output", str(tmp_path / "r.jsonl"), *FAST, "rewards.judge.base_url=http://127.0.0.1:9/v1"])
+    code = main(
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--config",
+            "deploy/configs/smoke.yaml",
+            "--data",
+            str(questions),
+            "--output",
+            str(tmp_path / "r.jsonl"),
+            *FAST,
+            "rewards.judge.base_url=http://127.0.0.1:9/v1",
+        ]
+    )
     assert code == 2
     assert "no judge API key" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "r.jsonl").exists()

@@ -16,10 +16,18 @@ from rollout.types import ToolCall, Trajectory
 def _group(qid: str, n: int = 3) -> ScoredGroup:
     members = [
         Trajectory(
-            question_id=qid, sample_index=i, token_ids=[1, 2, 3 + i], loss_mask=[0, 1, 1],
-            behaviour_logprobs=[0.0, -0.25, -1.5 - i], prompt_length=1,
+            question_id=qid,
+            sample_index=i,
+            token_ids=[1, 2, 3 + i],
+            loss_mask=[0, 1, 1],
+            behaviour_logprobs=[0.0, -0.25, -1.5 - i],
+            prompt_length=1,
             tool_calls=[ToolCall("search_urls", {"query": "q"}, urls=["https://a.example/x"])],
-            reward=float(i == 0), correct=i == 0, answer="A" if i == 0 else None, policy_version_start=2, policy_version_end=3,
+            reward=float(i == 0),
+            correct=i == 0,
+            answer="A" if i == 0 else None,
+            policy_version_start=2,
+            policy_version_end=3,
         )
         for i in range(n)
     ]
@@ -46,7 +54,12 @@ def test_round_trip_keeps_every_field(redis_server):
     for a, b in zip(sent.members, got.members):
         assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask
         assert a.behaviour_logprobs == b.behaviour_logprobs  # float32-exact values chosen
-        assert (a.reward, a.correct, a.answer, a.policy_version_start) == (b.reward, b.correct, b.answer, b.policy_version_start)
+        assert (a.reward, a.correct, a.answer, a.policy_version_start) == (
+            b.reward,
+            b.correct,
+            b.answer,
+            b.policy_version_start,
+        )
         assert b.tool_calls[0].urls == ["https://a.example/x"]
 
 
@@ -83,8 +96,17 @@ def test_packed_trajectories_publish_the_same_entries(redis_server):
     """Rollout workers return packed trajectories (numpy arrays): the stream must carry exactly what
     the list form carries, and the token counts must not wrap (a uint8 mask summed would, at 256)."""
     n = 700
-    plain = Trajectory("q", 0, list(range(n)), [0] * 100 + [1] * (n - 100), [0.0] * 100 + [-0.5] * (n - 100), 100,
-                       reward=1.0, correct=True, answer="A")
+    plain = Trajectory(
+        "q",
+        0,
+        list(range(n)),
+        [0] * 100 + [1] * (n - 100),
+        [0.0] * 100 + [-0.5] * (n - 100),
+        100,
+        reward=1.0,
+        correct=True,
+        answer="A",
+    )
     packed = Trajectory.from_wire(plain.to_wire()).pack()
     assert isinstance(packed.loss_mask, np.ndarray) and packed.generated_tokens == plain.generated_tokens == n - 100
 

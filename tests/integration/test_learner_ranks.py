@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import pytest
 import ray
@@ -37,7 +38,15 @@ def _samples(n: int = 8, long_first: bool = False) -> list[TrainSample]:
         prompt = rng.randint(4, 8)
         ids = [rng.randrange(10, 4000) for _ in range(length)]
         mask = [0] * prompt + [1] * (length - prompt)
-        out.append(TrainSample(ids, mask, [-2.0 if m else 0.0 for m in mask], advantage=rng.choice([-1.0, 0.5, 1.5]), question_id=str(i)))
+        out.append(
+            TrainSample(
+                ids,
+                mask,
+                [-2.0 if m else 0.0 for m in mask],
+                advantage=rng.choice([-1.0, 0.5, 1.5]),
+                question_id=str(i),
+            )
+        )
     if long_first:
         # A long-tailed batch: one sequence four times the others'.
         s = out[0]
@@ -46,14 +55,25 @@ def _samples(n: int = 8, long_first: bool = False) -> list[TrainSample]:
 
 
 def _step(model_dir, world: int, stage: int, tmp_path, long_first: bool = False, **learner) -> tuple[float, dict]:
-    cfg = LearnerConfig(num_ranks=world, zero_stage=stage, micro_batch_size=2, autocast_bf16=False, kl_coef=0.0, lr=1e-3,
-                        gradient_checkpointing=False, behaviour_is_cap=None, **learner)
+    cfg = LearnerConfig(
+        num_ranks=world,
+        zero_stage=stage,
+        micro_batch_size=2,
+        autocast_bf16=False,
+        kl_coef=0.0,
+        lr=1e-3,
+        gradient_checkpointing=False,
+        behaviour_is_cap=None,
+        **learner,
+    )
     samples = _samples(long_first=long_first)
 
     async def go():
         group = LearnerGroup(cfg, num_cpus=1, num_gpus=0)
         try:
-            await group.setup(str(model_dir), per_rank_micro_batches=len(samples) // world // cfg.micro_batch_size, temperature=1.0)
+            await group.setup(
+                str(model_dir), per_rank_micro_batches=len(samples) // world // cfg.micro_batch_size, temperature=1.0
+            )
             plans = plan_step(samples, world, 1, seed=0, max_tokens=cfg.max_tokens_per_micro_batch)
             sums = await group.train_step(plans)
             ref = await group.publish(str(tmp_path / f"w{world}-z{stage}-{uuid.uuid4().hex[:6]}"), 1, "float32")

@@ -33,12 +33,24 @@ def _batch(n: int) -> tuple[list[Trajectory], dict[str, Question]]:
     trajs = []
     for i in range(n):
         calls = [
-            ToolCall("search_urls", {"query": f"Place{i % 5} founder"}, urls=[f"https://a.example/{i % 5}", "https://b.example/x"]),
+            ToolCall(
+                "search_urls",
+                {"query": f"Place{i % 5} founder"},
+                urls=[f"https://a.example/{i % 5}", "https://b.example/x"],
+            ),
             ToolCall("search_urls", {"query": f"Place{i % 5} founder"}, urls=[f"https://a.example/{i % 5}"]),
-            ToolCall("query_url", {"url": f"https://a.example/{i % 5}", "goal": "founder"}, urls=[f"https://a.example/{i % 5}"]),
+            ToolCall(
+                "query_url",
+                {"url": f"https://a.example/{i % 5}", "goal": "founder"},
+                urls=[f"https://a.example/{i % 5}"],
+            ),
         ][: 1 + i % 3]
         answer = f"Founder {i % 5}" if i % 2 == 0 else "Somebody Else"
-        trajs.append(Trajectory(f"q{i % 5}", i, [1, 2], [0, 1], [0.0, -0.1], 1, tool_calls=calls, answer=answer, format_ok=i % 4 != 3))
+        trajs.append(
+            Trajectory(
+                f"q{i % 5}", i, [1, 2], [0, 1], [0.0, -0.1], 1, tool_calls=calls, answer=answer, format_ok=i % 4 != 3
+            )
+        )
     return trajs, questions
 
 
@@ -62,10 +74,16 @@ def test_llm_pool_survives_a_killed_actor_and_matches_the_rules(redis_server):
     trajs, questions = _batch(48)
     with OpenAITestServer(latency_s=0.15, api_key=KEY) as srv:
         cfg = RewardsConfig(
-            stage=2, num_actors=2, chunk_size=4, max_in_flight_per_actor=8, cache=False,
+            stage=2,
+            num_actors=2,
+            chunk_size=4,
+            max_in_flight_per_actor=8,
+            cache=False,
             judge=JudgeSettings(base_url=srv.base_url, model=srv.model, timeout_s=5, max_retries=2),
         )
-        pool = RewardPool.create(cfg, redis_url=redis_server.url, redis_password=redis_server.password, namespace="kill")
+        pool = RewardPool.create(
+            cfg, redis_url=redis_server.url, redis_password=redis_server.password, namespace="kill"
+        )
 
         async def run():
             await pool.ready()
@@ -88,8 +106,12 @@ def test_llm_pool_survives_a_killed_actor_and_matches_the_rules(redis_server):
 def test_judgements_are_cached_in_redis(redis_server):
     trajs, questions = _batch(8)
     with OpenAITestServer(api_key=KEY) as srv:
-        cfg = RewardsConfig(stage=1, num_actors=1, judge=JudgeSettings(base_url=srv.base_url, model=srv.model), cache=True)
-        pool = RewardPool.create(cfg, redis_url=redis_server.url, redis_password=redis_server.password, namespace="cache-test")
+        cfg = RewardsConfig(
+            stage=1, num_actors=1, judge=JudgeSettings(base_url=srv.base_url, model=srv.model), cache=True
+        )
+        pool = RewardPool.create(
+            cfg, redis_url=redis_server.url, redis_password=redis_server.password, namespace="cache-test"
+        )
         first = asyncio.run(pool.score(trajs, questions))
         calls = srv.request_count
         again, _ = _batch(8)
@@ -105,8 +127,9 @@ def test_an_episode_whose_judging_raises_fails_alone():
     # A gold answer that is not text makes the rule judge raise for q3's trajectories (as any judge error would).
     questions["q3"] = Question("q3", "Who founded Place3?", None)  # type: ignore[arg-type]
     trajs.append(Trajectory.failed("q1", 99, RuntimeError("engine died"), token_ids=[1, 2], prompt_length=2))
-    pool = RewardPool.create(RewardsConfig(stage=1, num_actors=1, chunk_size=8), redis_url=None, redis_password=None,
-                             namespace="t")
+    pool = RewardPool.create(
+        RewardsConfig(stage=1, num_actors=1, chunk_size=8), redis_url=None, redis_password=None, namespace="t"
+    )
     report = asyncio.run(pool.score(trajs, questions))
     asyncio.run(pool.close())
     assert report.scores == 9 and report.sources["error"] == 1 and report.sources["failed"] == 1
@@ -122,8 +145,9 @@ def test_an_episode_whose_judging_raises_fails_alone():
 def test_concurrent_group_calls_share_the_actors():
     """The controller scores each group with its own call: together they must use every actor, and a
     call that finds every actor full waits for room instead of failing."""
-    pool = RewardPool.create(RewardsConfig(stage=2, num_actors=4, chunk_size=4), redis_url=None, redis_password=None,
-                             namespace="spread")
+    pool = RewardPool.create(
+        RewardsConfig(stage=2, num_actors=4, chunk_size=4), redis_url=None, redis_password=None, namespace="spread"
+    )
     dealt = [0] * 4
     pool.actors = [_CountingHandle(a, dealt, i) for i, a in enumerate(pool.actors)]
     groups = [_batch(8) for _ in range(8)]

@@ -43,9 +43,27 @@ def test_serve_judge_answers_the_judge_client(tiny_model_dir):
     port, key = _port(), "sk-serve-judge-test"
     env = {**os.environ, "RAPO_JUDGE_API_KEY": key}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve-judge", str(tiny_model_dir), "--port", str(port), "--max-model-len", "2048",
-         "--", "--dtype", "float32", "--enforce-eager"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve-judge",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "2048",
+            "--",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -59,7 +77,9 @@ def test_serve_judge_answers_the_judge_client(tiny_model_dir):
 
         async def judge():
             os.environ["RAPO_JUDGE_API_KEY"] = key
-            client = JudgeClient(JudgeSettings(base_url=base, model="judge", max_retries=0, max_tokens=16, timeout_s=60))
+            client = JudgeClient(
+                JudgeSettings(base_url=base, model="judge", max_retries=0, max_tokens=16, timeout_s=60)
+            )
             try:
                 outcome = await client.judge_answer("Who founded Velmora?", ["Osric Talm"], "Osric Talm")
                 return outcome, client.stats

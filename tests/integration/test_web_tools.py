@@ -36,7 +36,7 @@ KEY_ENV = "RAPO_TEST_SEARCH_KEY"
 
 PAGE_HTML = """<!doctype html><html><head><title>Velmora - Atlas</title>
 <script>var secret = "script text";</script><style>p{}</style></head>
-<body><h1>Velmora</h1><p>Velmora is a country in the north.</p><p>The capital of Velmora is Drennick.</p></body></html>"""
+<body><h1>Velmora</h1><p>Velmora is a country in the north.</p><p>The capital of Velmora is Drennick.</p></body></html>"""  # noqa: E501
 
 
 def run(coro):
@@ -93,8 +93,15 @@ def make_app(hits: Counter) -> web.Application:
                 return web.Response(status=503)
         if q == "slow":
             await asyncio.sleep(3)
-        organic = [{"title": f" Result  {i} ", "link": f"https://site{i}.example/{q.replace(' ', '-')}",
-                    "snippet": f"snippet\n{i}", "position": i} for i in range(num + 2)]
+        organic = [
+            {
+                "title": f" Result  {i} ",
+                "link": f"https://site{i}.example/{q.replace(' ', '-')}",
+                "snippet": f"snippet\n{i}",
+                "position": i,
+            }
+            for i in range(num + 2)
+        ]
         organic.insert(1, {"title": "no link here"})
         return web.json_response({"searchParameters": {"q": q}, "organic": organic})
 
@@ -165,9 +172,20 @@ def make_app(hits: Counter) -> web.Application:
     app = web.Application(middlewares=[count])
     app.router.add_post("/search", search)
     for path, handler in [
-        ("/page", page), ("/latin1", latin1), ("/plain", plain), ("/big", big), ("/big-chunked", big_chunked),
-        ("/image", image), ("/pdf", pdf), ("/redirect/{n}", redirect), ("/relative/x", relative),
-        ("/to/{where}", to), ("/secret", secret), ("/slow", slow), ("/flaky", flaky), ("/missing", missing),
+        ("/page", page),
+        ("/latin1", latin1),
+        ("/plain", plain),
+        ("/big", big),
+        ("/big-chunked", big_chunked),
+        ("/image", image),
+        ("/pdf", pdf),
+        ("/redirect/{n}", redirect),
+        ("/relative/x", relative),
+        ("/to/{where}", to),
+        ("/secret", secret),
+        ("/slow", slow),
+        ("/flaky", flaky),
+        ("/missing", missing),
     ]:
         app.router.add_get(path, handler)
     app.router.add_get("/relative/page", page)
@@ -213,7 +231,9 @@ async def with_backend(scenario, *, cache=None, resolver=None, clock=None, sleep
     hits: Counter = Counter()
     async with serve(make_app(hits)) as port:
         extra = {k: v for k, v in {"clock": clock, "sleep": sleep}.items() if v is not None}
-        backend = WebBackend(web_settings(port, **overrides), cache=cache, resolver=resolver or fake_resolver(DNS), **extra)
+        backend = WebBackend(
+            web_settings(port, **overrides), cache=cache, resolver=resolver or fake_resolver(DNS), **extra
+        )
         try:
             return await scenario(backend, port, hits)
         finally:
@@ -320,7 +340,11 @@ def test_fetch_turns_html_into_text_and_decodes_charsets(api_key):
 
     page, latin1, plain = run(with_backend(scenario))
     assert page.title == "Velmora - Atlas"
-    assert page.text.split("\n") == ["Velmora", "Velmora is a country in the north.", "The capital of Velmora is Drennick."]
+    assert page.text.split("\n") == [
+        "Velmora",
+        "Velmora is a country in the north.",
+        "The capital of Velmora is Drennick.",
+    ]
     assert "script text" not in page.text
     assert (latin1.title, latin1.text) == ("Café", "crème brûlée")
     assert (plain.title, plain.text) == ("", "line one\nline two")
@@ -341,8 +365,11 @@ def test_oversize_bodies_are_refused_with_or_without_content_length(api_key):
 
 def test_unsupported_content_types_and_http_errors_are_refused(api_key):
     async def scenario(backend, port, hits):
-        for path, pattern in [("/image", "image/png is not supported"), ("/pdf", "application/pdf is not supported"),
-                              ("/missing", "HTTP 404")]:
+        for path, pattern in [
+            ("/image", "image/png is not supported"),
+            ("/pdf", "application/pdf is not supported"),
+            ("/missing", "HTTP 404"),
+        ]:
             with pytest.raises(ToolError, match=pattern):
                 await backend.fetch(f"http://127.0.0.1:{port}{path}")
 
@@ -420,8 +447,12 @@ def test_toolbox_runs_on_the_web_backend_and_shows_refusals_to_the_model(api_key
     async def scenario(backend, port, hits):
         toolbox = Toolbox(backend, passages_per_query=1)
         search = await toolbox.call(ParsedCall("search_urls", {"query": "velmora", "top_k": 2}), turn=0)
-        read = await toolbox.call(ParsedCall("query_url", {"url": f"http://127.0.0.1:{port}/page", "goal": "capital"}), turn=1)
-        refused = await toolbox.call(ParsedCall("query_url", {"url": "http://169.254.169.254/latest/", "goal": "g"}), turn=2)
+        read = await toolbox.call(
+            ParsedCall("query_url", {"url": f"http://127.0.0.1:{port}/page", "goal": "capital"}), turn=1
+        )
+        refused = await toolbox.call(
+            ParsedCall("query_url", {"url": "http://169.254.169.254/latest/", "goal": "g"}), turn=2
+        )
         return search, read, refused
 
     search, read, refused = run(with_backend(scenario))
@@ -467,7 +498,9 @@ def test_a_cached_page_never_bypasses_the_literal_address_check(api_key, redis_s
         client = async_client(redis_server.url, redis_server.password)
         cache = RedisToolCache(client, namespace=f"test-webtools-{uuid.uuid4().hex}", ttl_s=60)
         try:
-            await cache.set(cache_key("fetch", "https://10.0.0.1/admin"), json.dumps({"url": "x", "title": "t", "text": "s"}))
+            await cache.set(
+                cache_key("fetch", "https://10.0.0.1/admin"), json.dumps({"url": "x", "title": "t", "text": "s"})
+            )
 
             async def scenario(backend, port, hits):
                 with pytest.raises(FetchRefused):
@@ -532,7 +565,9 @@ def test_backend_rate_limits_search_globally_and_fetches_per_host(api_key):
         await backend.fetch(f"http://public.test:{port}/plain")
         return search_waits, list(waits)
 
-    search_waits, fetch_waits = run(with_backend(scenario, clock=clock, sleep=fake_sleep, search_rps=2.0, per_host_rps=1.0))
+    search_waits, fetch_waits = run(
+        with_backend(scenario, clock=clock, sleep=fake_sleep, search_rps=2.0, per_host_rps=1.0)
+    )
     assert search_waits == [0.5, 1.0]  # burst of 2, then one every 0.5 s
     assert fetch_waits == [1.0]
 
@@ -568,12 +603,18 @@ def chat_app(mode: dict, seen: list) -> web.Application:
         seen.append({"auth": request.headers.get("Authorization"), **body})
         if mode["status"] != 200:
             return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=mode["status"])
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": mode["content"]}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
-        })
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": mode["content"]}}
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
+            }
+        )
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
@@ -591,8 +632,13 @@ def test_llm_extractor_asks_for_goal_evidence_and_falls_back_to_passages(monkeyp
 
     async def main():
         async with serve(chat_app(mode, seen)) as port:
-            settings = ExtractorSettings(base_url=f"http://127.0.0.1:{port}/v1", model="tiny-extractor",
-                                         api_key_env=EXTRACTOR_KEY_ENV, timeout_s=5, fallback_passages=1)
+            settings = ExtractorSettings(
+                base_url=f"http://127.0.0.1:{port}/v1",
+                model="tiny-extractor",
+                api_key_env=EXTRACTOR_KEY_ENV,
+                timeout_s=5,
+                fallback_passages=1,
+            )
             extractor = LLMExtractor(settings)
             try:
                 results = [await extractor.extract(PAGE_TEXT, "capital of Velmora")]
@@ -621,7 +667,9 @@ def test_llm_extractor_falls_back_when_the_endpoint_is_down():
         dead_port = s.getsockname()[1]
 
     async def main():
-        settings = ExtractorSettings(base_url=f"http://127.0.0.1:{dead_port}/v1", model="m", api_key_env=None, timeout_s=2)
+        settings = ExtractorSettings(
+            base_url=f"http://127.0.0.1:{dead_port}/v1", model="m", api_key_env=None, timeout_s=2
+        )
         extractor = LLMExtractor(settings)
         try:
             return await extractor.extract(PAGE_TEXT, "slow rivers")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -51,11 +52,17 @@ def judge_responder(body: Mapping[str, Any]) -> str:
     case = embedded_case(body.get("messages", []))
     if case["task"] == ANSWER_TASK:
         answer = case.get("model_answer") or ""
-        verdict = "unknown" if not answer.strip() else ("correct" if rule_judge(answer, case["ground_truth"]) else "incorrect")
+        verdict = (
+            "unknown"
+            if not answer.strip()
+            else ("correct" if rule_judge(answer, case["ground_truth"]) else "incorrect")
+        )
         return json.dumps({"verdict": verdict})
     if case["task"] == LABELS_TASK:
         calls = [
-            ToolCall(r["name"], r.get("arguments", {}), status=r.get("status", "ok"), urls=list(r.get("returned_urls", [])))
+            ToolCall(
+                r["name"], r.get("arguments", {}), status=r.get("status", "ok"), urls=list(r.get("returned_urls", []))
+            )
             for r in case["tool_calls"]
         ]
         return json.dumps({"labels": rule_labels(calls, budget_verification=int(case["budget_verification"]))})
@@ -112,7 +119,12 @@ class OpenAITestServer:
         faults: Sequence[str] = (),
         model: str = "rapo-test-judge",
     ):
-        rates = {"error_rate": error_rate, "timeout_rate": timeout_rate, "malformed_rate": malformed_rate, "wrong_count_rate": wrong_count_rate}
+        rates = {
+            "error_rate": error_rate,
+            "timeout_rate": timeout_rate,
+            "malformed_rate": malformed_rate,
+            "wrong_count_rate": wrong_count_rate,
+        }
         for name, rate in rates.items():
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
@@ -182,7 +194,7 @@ class OpenAITestServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> "OpenAITestServer":
+    async def start(self) -> OpenAITestServer:
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=32 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -202,7 +214,7 @@ class OpenAITestServer:
             await self._runner.cleanup()
             self._runner = None
 
-    def __enter__(self) -> "OpenAITestServer":
+    def __enter__(self) -> OpenAITestServer:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -228,7 +240,9 @@ class OpenAITestServer:
             raise RuntimeError("the OpenAI test server did not start within 15 s")
         if failure:
             self._thread.join()
-            raise RuntimeError(f"the OpenAI test server failed to start on {self.host}:{self.port}: {failure[0]}") from failure[0]
+            raise RuntimeError(
+                f"the OpenAI test server failed to start on {self.host}:{self.port}: {failure[0]}"
+            ) from failure[0]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,12 +262,23 @@ class OpenAITestServer:
         authorized = self._api_key is None or (bearer and header[len("Bearer ") :] == self._api_key)
         return bearer, authorized
 
-    def _record(self, request: web.Request, *, bearer: bool, authorized: bool, task: str | None, fault: str,
-                status: int, body: Any, at: float | None = None) -> None:
+    def _record(
+        self,
+        request: web.Request,
+        *,
+        bearer: bool,
+        authorized: bool,
+        task: str | None,
+        fault: str,
+        status: int,
+        body: Any,
+        at: float | None = None,
+    ) -> None:
         at = time.monotonic() if at is None else at
         with self._lock:
             self._records.append(
-                RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body))
+                RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body)
+            )
 
     def _next_fault(self) -> str:
         with self._lock:
@@ -273,8 +298,12 @@ class OpenAITestServer:
 
     @staticmethod
     def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-        kind = {401: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers)
+        kind = {401: "invalid_request_error", 429: "rate_limit_exceeded"}.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        return web.json_response(
+            {"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers
+        )
 
     async def _models(self, request: web.Request) -> web.Response:
         bearer, authorized = self._auth(request)
@@ -282,7 +311,9 @@ class OpenAITestServer:
         self._record(request, bearer=bearer, authorized=authorized, task=None, fault=OK, status=status, body=None)
         if not authorized:
             return self._error(401, "Incorrect API key provided.")
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "rapo-tests"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "rapo-tests"}]}
+        )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()  # the record's time: arrival, not the reply after the latency
@@ -303,28 +334,33 @@ class OpenAITestServer:
             body = None
         task = _task_of(body)
         if not authorized:
-            self._record(request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body,
-                         at=arrived)
+            self._record(
+                request, bearer=bearer, authorized=False, task=task, fault=OK, status=401, body=body, at=arrived
+            )
             # The message never echoes the key that was sent.
             return self._error(401, "Incorrect API key provided.")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            self._record(request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body,
-                         at=arrived)
+            self._record(
+                request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body, at=arrived
+            )
             return self._error(400, "the body must be a JSON object with a 'messages' list")
         fault = self._next_fault()
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
         if fault == TIMEOUT:
             assert self._stopping is not None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.hang_s)
-            except asyncio.TimeoutError:
-                pass
         if fault.startswith("http_"):
             status = int(fault[5:])
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body,
-                         at=arrived)
-            headers = {"Retry-After": f"{self.retry_after_s:g}"} if self.retry_after_s is not None and status in (429, 503) else None
+            self._record(
+                request, bearer=bearer, authorized=True, task=task, fault=fault, status=status, body=body, at=arrived
+            )
+            headers = (
+                {"Retry-After": f"{self.retry_after_s:g}"}
+                if self.retry_after_s is not None and status in (429, 503)
+                else None
+            )
             return self._error(status, f"injected HTTP {status}", headers)
         if fault == DEEP_BODY:
             self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=200, body=body)
@@ -333,8 +369,9 @@ class OpenAITestServer:
         try:
             content = self.responder(body)
         except (ValueError, KeyError, TypeError) as e:
-            self._record(request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body,
-                         at=arrived)
+            self._record(
+                request, bearer=bearer, authorized=True, task=task, fault=fault, status=400, body=body, at=arrived
+            )
             return self._error(400, f"the test server cannot answer this prompt: {e}")
         if fault == MALFORMED:
             with self._lock:
@@ -350,8 +387,19 @@ class OpenAITestServer:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body.get("model", self.model),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
             }
         )
 
@@ -366,7 +414,9 @@ async def _serve_forever(server: OpenAITestServer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="OpenAI-compatible judge server for tests and benchmarks (rule-based answers, fault injection)")
+    p = argparse.ArgumentParser(
+        description="OpenAI-compatible judge server for tests and benchmarks (rule-based answers, fault injection)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat reply")
@@ -383,16 +433,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     api_key = None
     if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env) or p.error(f"--api-key-env {args.api_key_env}: the variable is not set")
+        api_key = os.environ.get(args.api_key_env) or p.error(
+            f"--api-key-env {args.api_key_env}: the variable is not set"
+        )
     server = OpenAITestServer(
-        args.host, args.port, args.latency, args.error_rate, tuple(int(c) for c in args.error_codes.split(",") if c),
-        args.timeout_rate, args.malformed_rate, args.wrong_count_rate, args.seed,
-        api_key=api_key, retry_after_s=args.retry_after, hang_s=args.hang,
+        args.host,
+        args.port,
+        args.latency,
+        args.error_rate,
+        tuple(int(c) for c in args.error_codes.split(",") if c),
+        args.timeout_rate,
+        args.malformed_rate,
+        args.wrong_count_rate,
+        args.seed,
+        api_key=api_key,
+        retry_after_s=args.retry_after,
+        hang_s=args.hang,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_forever(server))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learner.batch import TrainSample, collate, padding_fraction, plan_step
 from learner.loss import aggregate

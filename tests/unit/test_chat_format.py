@@ -48,7 +48,9 @@ def test_no_call_means_final_answer():
     assert parse_tool_calls("<think>done</think> \\boxed{Paris}") == []
 
 
-@given(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=20), max_size=3), st.text(min_size=1, max_size=12))
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=20), max_size=3), st.text(min_size=1, max_size=12)
+)
 def test_round_trip_of_any_json_call(arguments, name):
     text = "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
     (call,) = parse_tool_calls(text)
@@ -83,7 +85,11 @@ def test_prompt_and_tool_turn_are_chatml():
     p = prompt_text("Q?")
     assert p.startswith("<|im_start|>system\n") and p.endswith("<|im_start|>assistant\n") and "Q?" in p
     t = tool_turn_text(["r1", "r2"])
-    assert t.startswith("\n<|im_start|>user\n") and t.count("<tool_response>") == 2 and t.endswith("<|im_start|>assistant\n")
+    assert (
+        t.startswith("\n<|im_start|>user\n")
+        and t.count("<tool_response>") == 2
+        and t.endswith("<|im_start|>assistant\n")
+    )
 
 
 # ---- hostile model output: bounded, linear, never an exception -------------------------------------
@@ -106,10 +112,39 @@ def test_many_unclosed_tags_parse_in_linear_time():
 
 
 _OLD_TOOL_CALL_RE = __import__("re").compile(r"<tool_call>(.*?)</tool_call>", __import__("re").DOTALL)
-_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call", "{", "}", "[", "]", '"', ":", ",", " ", "\\", '"name"',
-              '"x"', '"arguments"', "{}", "<think>", "</think>", "\\boxed{", "NaN", "1e400", "<|im_end|>", "null", "a",
-              "\u00e9",
-              "\n", "7", "-", "\\u0000", "\ud800", "true"]
+_FRAGMENTS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_call",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    ":",
+    ",",
+    " ",
+    "\\",
+    '"name"',
+    '"x"',
+    '"arguments"',
+    "{}",
+    "<think>",
+    "</think>",
+    "\\boxed{",
+    "NaN",
+    "1e400",
+    "<|im_end|>",
+    "null",
+    "a",
+    "\u00e9",
+    "\n",
+    "7",
+    "-",
+    "\\u0000",
+    "\ud800",
+    "true",
+]
 
 
 @settings(max_examples=2500, deadline=None, database=None)

@@ -17,7 +17,9 @@ def test_presets_load(name):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(CONFIGS / "smoke.yaml", ["learner.num_ranks=2", "learner.zero_stage=3", "data.seed=7", "pipeline.mode=sync"])
+    cfg = load_config(
+        CONFIGS / "smoke.yaml", ["learner.num_ranks=2", "learner.zero_stage=3", "data.seed=7", "pipeline.mode=sync"]
+    )
     assert cfg.learner.num_ranks == 2 and cfg.learner.zero_stage == 3 and cfg.data.seed == 7
     assert cfg.micro_batches_per_rank == cfg.train_batch_size // 2 // cfg.learner.micro_batch_size
 
@@ -131,8 +133,11 @@ def test_unreadable_config_files_name_the_file_and_line(tmp_path):
 
 @pytest.mark.parametrize(
     "override, dotted",
-    [("rollout.max_model_len.x=1", "rollout.max_model_len"), ("learner.lr.a.b=1", "learner.lr"),
-     ("rewards.judge.model.x=1", "rewards.judge.model")],
+    [
+        ("rollout.max_model_len.x=1", "rollout.max_model_len"),
+        ("learner.lr.a.b=1", "learner.lr"),
+        ("rewards.judge.model.x=1", "rewards.judge.model"),
+    ],
 )
 def test_an_override_below_a_value_says_the_path_is_wrong(override, dotted):
     expected = rf"{dotted} is a value, not a section, so .* does not exist; write {dotted}=VALUE"
@@ -178,17 +183,59 @@ def test_a_password_in_the_redis_url_is_refused_without_echoing_it():
 
 # Fuzzed overrides: only ConfigError ever comes out, and an accepted config round-trips through its JSON.
 _KEYS = sorted(flatten(RunConfig())) + [
-    "rollout", "learner", "rollout.max_model_len.x", "rollout.resources.gpu", "rewards.judge", "rewards.judge.base_url",
-    "rewards.judge.timeout_s", "tools.web.allow_hosts", "tools.extractor.model", "nope", "learner.nope.deeper",
+    "rollout",
+    "learner",
+    "rollout.max_model_len.x",
+    "rollout.resources.gpu",
+    "rewards.judge",
+    "rewards.judge.base_url",
+    "rewards.judge.timeout_s",
+    "tools.web.allow_hosts",
+    "tools.extractor.model",
+    "nope",
+    "learner.nope.deeper",
     "name.x",
 ]
-_VALUES = ["1", "0", "-1", "2", "8", "64", "2048", "0.5", ".inf", "-.inf", ".nan", "1e400", "abc", "true", "null", "",
-           "[1, 2]", "[0.9, 0.95]", "{a: 1}", "{lr: 1, lr: 2}", "[", "'x'", "sync", "async", "rapo", "grpo", "path",
-           "jsonl", "http://127.0.0.1:9/v1", "['169.254.169.254']", "[h.example]", "/nonexistent",
-           "{base_url: 'http://j/v1'}"]
+_VALUES = [
+    "1",
+    "0",
+    "-1",
+    "2",
+    "8",
+    "64",
+    "2048",
+    "0.5",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "1e400",
+    "abc",
+    "true",
+    "null",
+    "",
+    "[1, 2]",
+    "[0.9, 0.95]",
+    "{a: 1}",
+    "{lr: 1, lr: 2}",
+    "[",
+    "'x'",
+    "sync",
+    "async",
+    "rapo",
+    "grpo",
+    "path",
+    "jsonl",
+    "http://127.0.0.1:9/v1",
+    "['169.254.169.254']",
+    "[h.example]",
+    "/nonexistent",
+    "{base_url: 'http://j/v1'}",
+]
 _overrides = st.lists(
-    st.one_of(st.builds("{}={}".format, st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
-              st.sampled_from(["=", "a..b=1", "noequals", ".x=1", "learner.=1", "=1"])),
+    st.one_of(
+        st.builds("{}={}".format, st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
+        st.sampled_from(["=", "a..b=1", "noequals", ".x=1", "learner.=1", "=1"]),
+    ),
     max_size=4,
 )
 

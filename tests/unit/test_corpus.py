@@ -45,7 +45,10 @@ def test_search_with_nothing_to_match_returns_no_hits(query):
 
 
 def test_search_uses_the_title_and_the_shared_tokenizer():
-    docs = [Document("https://a.example/1", "Harbours", "Nothing else here."), Document("https://a.example/2", "", "Ships.")]
+    docs = [
+        Document("https://a.example/1", "Harbours", "Nothing else here."),
+        Document("https://a.example/2", "", "Ships."),
+    ]
     hits = run(CorpusBackend(docs).search("harbour", 2))  # plural stripped on both sides
     assert [h.url for h in hits] == ["https://a.example/1"]
 
@@ -135,7 +138,9 @@ def test_toolbox_runs_search_and_query_url_on_the_corpus():
 
     async def episode():
         search = await toolbox.call(ParsedCall("search_urls", {"query": "Velmora capital"}), turn=0)
-        read = await toolbox.call(ParsedCall("query_url", {"url": search.urls[0], "goal": "capital of Velmora"}), turn=1)
+        read = await toolbox.call(
+            ParsedCall("query_url", {"url": search.urls[0], "goal": "capital of Velmora"}), turn=1
+        )
         missing = await toolbox.call(ParsedCall("query_url", {"url": "https://x.example/", "goal": "g"}), turn=2)
         return search, read, missing
 

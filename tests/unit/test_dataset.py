@@ -45,18 +45,38 @@ GOOD = json.dumps({"id": "a", "question": "q?", "answer": "x"})
         (json.dumps({"answer": "x"}), "field 'question' is missing or empty"),
         (json.dumps({"question": "  ", "answer": "x"}), "field 'question' is missing or empty"),
         (json.dumps({"question": "q?"}), "field 'answer' is missing or empty; every row needs a gold answer"),
-        (json.dumps({"question": "q?", "answer": ""}), "field 'answer' is missing or empty; every row needs a gold answer"),
+        (
+            json.dumps({"question": "q?", "answer": ""}),
+            "field 'answer' is missing or empty; every row needs a gold answer",
+        ),
         (json.dumps({"question": "q?", "answer": None}), "field 'answer' is missing or empty"),
-        (json.dumps({"question": "q?", "answer": True}), "field 'answer' must be a string (or a number), got a boolean true"),
-        (json.dumps({"question": "q?", "answer": ["x"]}), "field 'answer' must be a string (or a number), got an array"),
-        (json.dumps({"question": {"text": "q?"}, "answer": "x"}), "field 'question' must be a string (or a number), got an object"),
-        (json.dumps({"question": "q?", "answer": "x", "aliases": None, "answer_aliases": {"y": 1}}),
-         "field 'answer_aliases' must be a list of strings"),
+        (
+            json.dumps({"question": "q?", "answer": True}),
+            "field 'answer' must be a string (or a number), got a boolean true",
+        ),
+        (
+            json.dumps({"question": "q?", "answer": ["x"]}),
+            "field 'answer' must be a string (or a number), got an array",
+        ),
+        (
+            json.dumps({"question": {"text": "q?"}, "answer": "x"}),
+            "field 'question' must be a string (or a number), got an object",
+        ),
+        (
+            json.dumps({"question": "q?", "answer": "x", "aliases": None, "answer_aliases": {"y": 1}}),
+            "field 'answer_aliases' must be a list of strings",
+        ),
         ('{"question": "q?", "answer": "x"} trailing', "invalid JSON (trailing characters at column 35)"),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"question": "q?", "answer": "x", "aliases": "y"}), "field 'aliases' must be a list of strings"),
-        (json.dumps({"question": "q?", "answer": "x", "aliases": ["y", 3]}), "field 'aliases' must be a list of strings"),
-        (json.dumps({"question": "q?", "answer": "x", "answer_aliases": ["y", " "]}), "field 'answer_aliases' item 1 is empty"),
+        (
+            json.dumps({"question": "q?", "answer": "x", "aliases": ["y", 3]}),
+            "field 'aliases' must be a list of strings",
+        ),
+        (
+            json.dumps({"question": "q?", "answer": "x", "answer_aliases": ["y", " "]}),
+            "field 'answer_aliases' item 1 is empty",
+        ),
         (json.dumps({"id": "a", "question": "q?", "answer": "x"}), "field 'id' 'a' duplicates line 1"),
         (json.dumps({"id": ["a"], "question": "q?", "answer": "x"}), "field 'id' must be"),
         (json.dumps({"question": "q?", "answer": "x", "hops": 0}), "field 'hops' must be a positive integer"),
@@ -175,8 +195,25 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
 # loads round-trips (writing the questions back out loads the same questions). Values are drawn from
 # a fixed menu of troublemakers (cheap to generate, so thousands of cases run in seconds).
 _MISSING = object()
-_VALUES = ["Who?", "", "  ", None, 7, 1.5, True, ["x"], {"t": 1}, "<|im_end|>", "Caf\u00e9", "The", "...", "a", "Paris",
-           "x" * 300, _MISSING]
+_VALUES = [
+    "Who?",
+    "",
+    "  ",
+    None,
+    7,
+    1.5,
+    True,
+    ["x"],
+    {"t": 1},
+    "<|im_end|>",
+    "Caf\u00e9",
+    "The",
+    "...",
+    "a",
+    "Paris",
+    "x" * 300,
+    _MISSING,
+]
 
 
 def _row(question, answer, qid, aliases, hops) -> bytes:
@@ -186,8 +223,12 @@ def _row(question, answer, qid, aliases, hops) -> bytes:
 
 _rows = st.one_of(
     st.binary(max_size=40),
-    st.builds(_row, *[st.sampled_from(_VALUES)] * 3, st.sampled_from([_MISSING, [], ["NYC"], [""], ["the"], "x", [1]]),
-              st.sampled_from([_MISSING, 1, 0, -1, 3, "2", True])),
+    st.builds(
+        _row,
+        *[st.sampled_from(_VALUES)] * 3,
+        st.sampled_from([_MISSING, [], ["NYC"], [""], ["the"], "x", [1]]),
+        st.sampled_from([_MISSING, 1, 0, -1, 3, "2", True]),
+    ),
 )
 
 
@@ -199,8 +240,10 @@ def test_fuzz_loader_raises_only_dataset_errors_and_round_trips(rows):
     except DatasetError as e:
         assert str(e).startswith("fuzz.jsonl")
         return
-    again = [{"id": q.id, "question": q.question, "answer": q.answer, "aliases": list(q.aliases), "hops": q.hops}
-             for q in questions]
+    again = [
+        {"id": q.id, "question": q.question, "answer": q.answer, "aliases": list(q.aliases), "hops": q.hops}
+        for q in questions
+    ]
     data = "\n".join(json.dumps(r) for r in again).encode()
     assert load_questions_jsonl("again.jsonl", stream=io.BytesIO(data)) == questions
 

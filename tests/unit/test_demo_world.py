@@ -69,7 +69,9 @@ def test_world_is_identical_across_processes_and_hash_seeds():
     outs = set()
     for hash_seed in ("0", "12345"):
         env = {"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        )
         outs.add(res.stdout.strip())
     assert outs == {digest(build_demo_world(3, countries=20))}
 
@@ -84,7 +86,11 @@ def test_global_random_state_is_untouched():
 
 def entity_names(world):
     """Every invented name: from the main pages' titles, plus rivers from the plans."""
-    names = [d.title.rsplit(" - ", 1)[0] for d in world.documents if d.title.endswith((" - Atlas", " - City Register", " - People Register"))]
+    names = [
+        d.title.rsplit(" - ", 1)[0]
+        for d in world.documents
+        if d.title.endswith((" - Atlas", " - City Register", " - People Register"))
+    ]
     names += sorted({h.value for plan in world.plans.values() for h in plan if h.relation == "river"})
     return names
 
@@ -112,7 +118,9 @@ def test_structure_of_the_generated_world():
         assert w.cities[c.capital].is_capital
         assert sum(w.cities[n].is_capital for n in c.cities) == 1
         assert w.people[c.founder].birth_year < c.founded
-        assert all(p.birthplace in c.cities for p in (w.people[c.founder], *(w.people[w.cities[n].mayor] for n in c.cities)))
+        assert all(
+            p.birthplace in c.cities for p in (w.people[c.founder], *(w.people[w.cities[n].mayor] for n in c.cities))
+        )
         # otherwise "Where was the mayor of X born?" would give its answer away
         assert all(w.people[w.cities[n].mayor].birthplace != n for n in c.cities)
 

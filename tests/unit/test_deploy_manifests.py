@@ -109,7 +109,9 @@ def test_every_yaml_parses(path):
         assert isinstance(doc, dict), f"{path}: a document is {type(doc).__name__}, not a mapping"
     if path.parent.name in ("kuberay", "prometheus") and path.name != "scrape.yaml":
         for doc in docs:
-            assert {"apiVersion", "kind", "metadata"} <= doc.keys(), f"{path}: {doc.get('kind')} lacks apiVersion/kind/metadata"
+            assert {"apiVersion", "kind", "metadata"} <= doc.keys(), (
+                f"{path}: {doc.get('kind')} lacks apiVersion/kind/metadata"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +205,10 @@ def test_judge_service_selects_the_judge_pods(groups):
 def test_judge_key_file_is_mounted_where_the_config_reads_it(raycluster, groups):
     cfg = load_config(DEPLOY / "configs" / "cluster-example.yaml")
     key_file = cfg.rewards.judge.api_key_file
-    templates = {"head": raycluster["spec"]["headGroupSpec"]["template"], **{n: g["template"] for n, g in groups.items()}}
+    templates = {
+        "head": raycluster["spec"]["headGroupSpec"]["template"],
+        **{n: g["template"] for n, g in groups.items()},
+    }
     for name, template in templates.items():
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounted = False
@@ -223,7 +228,11 @@ def test_head_gets_the_redis_password_from_the_secret(raycluster):
 
 
 def test_shared_paths_are_mounted_on_head_and_workers(raycluster, groups):
-    for template in [raycluster["spec"]["headGroupSpec"]["template"], groups["rollout"]["template"], groups["learner"]["template"]]:
+    for template in [
+        raycluster["spec"]["headGroupSpec"]["template"],
+        groups["rollout"]["template"],
+        groups["learner"]["template"],
+    ]:
         mounts = {m["mountPath"]: m for m in ray_container(template)["volumeMounts"]}
         assert mounts["/models"].get("readOnly") is True
         assert "/shared" in mounts
@@ -264,7 +273,9 @@ def test_rayjob_runtime_env(rayjob):
     assert env["working_dir"]
     assert set(env.get("env_vars", {})).isdisjoint(ACTOR_ENV), "Ray refuses to merge env vars that ray.init also sets"
     for key in env.get("env_vars", {}):
-        assert not re.search(r"PASSWORD|API_KEY|SECRET|TOKEN", key, re.I), f"secret-looking env var {key} in runtimeEnvYAML"
+        assert not re.search(r"PASSWORD|API_KEY|SECRET|TOKEN", key, re.I), (
+            f"secret-looking env var {key} in runtimeEnvYAML"
+        )
 
 
 def test_runtime_env_example():
@@ -294,7 +305,9 @@ def redis_conf(redis_docs) -> str:
 
 def test_redis_durability(redis_docs):
     conf = redis_conf(redis_docs)
-    lines = {tuple(line.split(None, 1)) for line in conf.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    lines = {
+        tuple(line.split(None, 1)) for line in conf.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    }
     assert ("appendonly", "yes") in lines
     assert ("appendfsync", "everysec") in lines
     assert ("protected-mode", "yes") in lines
@@ -340,7 +353,9 @@ def test_redis_network_policy_admits_only_ray_pods(redis_docs, raycluster):
     (source,) = rule["from"]
     allowed = source["podSelector"]["matchLabels"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
-    templates = [raycluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in raycluster["spec"]["workerGroupSpecs"]]
+    templates = [raycluster["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in raycluster["spec"]["workerGroupSpecs"]
+    ]
     for t in templates:
         assert allowed.items() <= t["metadata"]["labels"].items(), "every Ray pod must be admitted"
     assert not allowed.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
@@ -360,14 +375,25 @@ SECRET_PATTERNS = [
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "private key"),
     (re.compile(r"redis://[^/\s]*:[^@/\s]+@"), "password inside a Redis URL"),
     (re.compile(r"^\s*requirepass\s+\S", re.M), "literal requirepass"),
-    (re.compile(r"(--requirepass|--api-key|-a)[ =]+(?!\$\(|\"?\$)[\"']?[A-Za-z0-9+/=_-]{6,}"), "literal password argument"),
-    (re.compile(r"(?i)\b(password|passwd|api[_-]?key|secret|token)\b\s*[:=]\s*[\"']?(?!CHANGE-ME)(?![\"']?\$)[A-Za-z0-9+/=_-]{12,}"),
-     "literal credential"),
+    (
+        re.compile(r"(--requirepass|--api-key|-a)[ =]+(?!\$\(|\"?\$)[\"']?[A-Za-z0-9+/=_-]{6,}"),
+        "literal password argument",
+    ),
+    (
+        re.compile(
+            r"(?i)\b(password|passwd|api[_-]?key|secret|token)\b\s*[:=]\s*[\"']?(?!CHANGE-ME)(?![\"']?\$)[A-Za-z0-9+/=_-]{12,}"
+        ),
+        "literal credential",
+    ),
 ]
 
 
 def text_files() -> list[Path]:
-    return sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".sh", ".py", "", ".dockerignore", ".txt", ".conf"))
+    return sorted(
+        p
+        for p in DEPLOY.rglob("*")
+        if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".sh", ".py", "", ".dockerignore", ".txt", ".conf")
+    )
 
 
 @pytest.mark.parametrize("path", text_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -394,7 +420,11 @@ def all_env_vars():
             while stack:
                 node = stack.pop()
                 if isinstance(node, dict):
-                    if "name" in node and ("value" in node or "valueFrom" in node) and isinstance(node.get("name"), str):
+                    if (
+                        "name" in node
+                        and ("value" in node or "valueFrom" in node)
+                        and isinstance(node.get("name"), str)
+                    ):
                         yield path, node
                     stack.extend(node.values())
                 elif isinstance(node, list):
@@ -434,7 +464,11 @@ def test_cluster_example_config():
     assert cfg.redis.url == "redis://rapo-redis:6379/0" and cfg.redis.password_env == "RAPO_REDIS_PASSWORD"
     assert cfg.ray.address == "auto"
     assert cfg.tracking.uri == "http://mlflow:5000"
-    assert (cfg.pipeline.questions_per_step, cfg.pipeline.samples_per_question, cfg.rollout.max_tool_calls) == (32, 5, 32)
+    assert (cfg.pipeline.questions_per_step, cfg.pipeline.samples_per_question, cfg.rollout.max_tool_calls) == (
+        32,
+        5,
+        32,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +492,7 @@ def test_dashboard_shape(dashboard):
     assert ds and ds[0]["query"] == "prometheus"
     for p in dashboard["panels"]:
         if p["type"] != "row":
-            assert p["datasource"]["uid"] == "${%s}" % ds[0]["name"]
+            assert p["datasource"]["uid"] == f"${{{ds[0]['name']}}}"
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
@@ -467,7 +501,9 @@ def test_dashboard_charts_every_metric(dashboard, metric):
     exprs = [e for e in dashboard_exprs(dashboard) if re.search(rf"\b{metric}(_bucket|_sum|_count)?\b", e)]
     assert exprs, f"no panel queries {metric}"
     if kind == "counter":
-        assert any(re.search(rf"(rate|increase)\(\s*{metric}\b", e) for e in exprs), f"{metric}: counters are charted as rates"
+        assert any(re.search(rf"(rate|increase)\(\s*{metric}\b", e) for e in exprs), (
+            f"{metric}: counters are charted as rates"
+        )
     elif kind == "histogram":
         assert any(re.search(rf"histogram_quantile\([^,]+,.*{metric}_bucket", e) for e in exprs), f"{metric}: quantiles"
         assert all(f"{metric}_bucket" in e or f"{metric}_sum" in e or f"{metric}_count" in e for e in exprs)
@@ -522,8 +558,11 @@ def test_dockerfile(raycluster):
 
 
 def test_images_are_the_same_everywhere(raycluster):
-    images = {c["image"] for t in [raycluster["spec"]["headGroupSpec"]] + raycluster["spec"]["workerGroupSpecs"]
-              for c in t["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for t in [raycluster["spec"]["headGroupSpec"]] + raycluster["spec"]["workerGroupSpecs"]
+        for c in t["template"]["spec"]["containers"]
+    }
     assert len(images) == 1
 
 
@@ -549,17 +588,40 @@ def test_gpu_check_peak_flops_table(gpu_check):
 
 def test_gpu_check_model_is_qwen3_0_6b(gpu_check):
     a = gpu_check.QWEN3_0_6B
-    assert (a["hidden_size"], a["num_hidden_layers"], a["num_attention_heads"], a["num_key_value_heads"], a["head_dim"],
-            a["intermediate_size"], a["vocab_size"], a["tie_word_embeddings"], a["rope_theta"]) == (
-        1024, 28, 16, 8, 128, 3072, 151936, True, 1e6)
+    assert (
+        a["hidden_size"],
+        a["num_hidden_layers"],
+        a["num_attention_heads"],
+        a["num_key_value_heads"],
+        a["head_dim"],
+        a["intermediate_size"],
+        a["vocab_size"],
+        a["tie_word_embeddings"],
+        a["rope_theta"],
+    ) == (1024, 28, 16, 8, 128, 3072, 151936, True, 1e6)
 
 
 def test_gpu_check_qwen3_4b_shape_and_matrix_table(gpu_check):
     a = gpu_check.QWEN3_4B
-    assert (a["hidden_size"], a["num_hidden_layers"], a["num_attention_heads"], a["num_key_value_heads"],
-            a["intermediate_size"], a["vocab_size"]) == (2560, 36, 32, 8, 9728, 151936)
-    ok = {"shape": "qwen3-4b", "zero_stage": 3, "gradient_checkpointing": True, "packing": True, "attention": "sdpa",
-          "tokens_per_s_per_gpu": 12345.6, "step_s_median": 1.5, "mfu": 0.321, "peak_mem_allocated_gib": 40.04}
+    assert (
+        a["hidden_size"],
+        a["num_hidden_layers"],
+        a["num_attention_heads"],
+        a["num_key_value_heads"],
+        a["intermediate_size"],
+        a["vocab_size"],
+    ) == (2560, 36, 32, 8, 9728, 151936)
+    ok = {
+        "shape": "qwen3-4b",
+        "zero_stage": 3,
+        "gradient_checkpointing": True,
+        "packing": True,
+        "attention": "sdpa",
+        "tokens_per_s_per_gpu": 12345.6,
+        "step_s_median": 1.5,
+        "mfu": 0.321,
+        "peak_mem_allocated_gib": 40.04,
+    }
     bad = {"shape": "qwen3-4b", "zero_stage": 2, "gradient_checkpointing": False, "error": "failed (exit 1)"}
     rows = gpu_check.mfu_table([ok, bad]).splitlines()
     assert rows[2] == "| qwen3-4b | 3 | on | packed | sdpa | 12,346 | 1.500 | 32.1 % | 40.0 |"
@@ -606,10 +668,23 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     """The whole check on CPU: random tiny Qwen3, Trainer, ZeRO-3 over gloo, two timed steps, packed
     token-budget micro-batches of long-tailed sequences (the path the GPU run measures)."""
     out = tmp_path / "result.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHON"] = sys.executable
-    cmd = ["bash", str(DEPLOY / "gpu_check.sh"), "--cpu", "--lengths", "longtail", "--max-tokens", "64",
-           "--json", str(out)]
+    cmd = [
+        "bash",
+        str(DEPLOY / "gpu_check.sh"),
+        "--cpu",
+        "--lengths",
+        "longtail",
+        "--max-tokens",
+        "64",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -68,8 +68,14 @@ def model_dir(tmp_path):
     [
         ("{oops", "line 2: invalid JSON"),
         (json.dumps({"answer": "x"}), "line 2: field 'question' is missing or empty"),
-        (json.dumps({"question": "q?", "answer": ["x"]}), "line 2: field 'answer' must be a string (or a number), got an array"),
-        (json.dumps({"question": "q?", "answer": "x", "aliases": "y"}), "line 2: field 'aliases' must be a list of strings"),
+        (
+            json.dumps({"question": "q?", "answer": ["x"]}),
+            "line 2: field 'answer' must be a string (or a number), got an array",
+        ),
+        (
+            json.dumps({"question": "q?", "answer": "x", "aliases": "y"}),
+            "line 2: field 'aliases' must be a list of strings",
+        ),
     ],
 )
 def test_bad_question_file_stops_with_line_and_field(model_dir, tmp_path, capsys, line, expected):

@@ -11,7 +11,13 @@ def test_title_and_blocks_become_lines():
     in the north.</p><p>Its capital is <b>Drennick</b>.</p><ul><li>one</li><li>two</li></ul></body></html>"""
     title, text = html_to_text(html)
     assert title == "Velmora – Atlas"
-    assert text.split("\n") == ["Velmora", "Velmora is a country in the north.", "Its capital is Drennick.", "one", "two"]
+    assert text.split("\n") == [
+        "Velmora",
+        "Velmora is a country in the north.",
+        "Its capital is Drennick.",
+        "one",
+        "two",
+    ]
 
 
 def test_script_style_noscript_svg_template_and_comments_are_dropped():
@@ -43,7 +49,9 @@ def test_inline_elements_do_not_split_words_and_br_breaks_lines():
 
 
 def test_table_cells_are_spaced_and_rows_are_lines():
-    _, text = html_to_text("<table><tr><th>Name</th><th>Capital</th></tr><tr><td>Velmora</td><td>Drennick</td></tr></table>")
+    _, text = html_to_text(
+        "<table><tr><th>Name</th><th>Capital</th></tr><tr><td>Velmora</td><td>Drennick</td></tr></table>"
+    )
     assert text.split("\n") == ["Name Capital", "Velmora Drennick"]
 
 
@@ -73,7 +81,14 @@ def test_unclosed_title_and_stray_end_tags_degrade_gracefully():
 
 
 def test_odd_declarations_and_cdata_do_not_raise():
-    for html in ["<![if !supportLists]>x<![endif]>", "<!DOCTYPE>", "<![CDATA[x]]>", "<?php echo 1 ?>", "<<<>>>", "<a href='"]:
+    for html in [
+        "<![if !supportLists]>x<![endif]>",
+        "<!DOCTYPE>",
+        "<![CDATA[x]]>",
+        "<?php echo 1 ?>",
+        "<<<>>>",
+        "<a href='",
+    ]:
         html_to_text(html)
 
 
@@ -82,9 +97,38 @@ def test_plain_text_without_tags_passes_through():
 
 
 html_pieces = st.sampled_from(
-    ["<p>", "</p>", "<div>", "</div>", "<script>", "</script>", "<style>", "</style>", "<svg>", "</svg>",
-     "<head>", "</head>", "<title>", "</title>", "<br>", "<pre>", "</pre>", "<td>", "<!--", "-->", "&amp;",
-     "&#0;", "&bogus;", "<![CDATA[", "]]>", "<", ">", "\n", "  ", "word"]
+    [
+        "<p>",
+        "</p>",
+        "<div>",
+        "</div>",
+        "<script>",
+        "</script>",
+        "<style>",
+        "</style>",
+        "<svg>",
+        "</svg>",
+        "<head>",
+        "</head>",
+        "<title>",
+        "</title>",
+        "<br>",
+        "<pre>",
+        "</pre>",
+        "<td>",
+        "<!--",
+        "-->",
+        "&amp;",
+        "&#0;",
+        "&bogus;",
+        "<![CDATA[",
+        "]]>",
+        "<",
+        ">",
+        "\n",
+        "  ",
+        "word",
+    ]
 )
 
 

@@ -46,12 +46,28 @@ TRAJECTORY = [
     (query(BIO, "birth year of John Bradfield"), EXPLORATION, EXPLORATION),  # new claim on a new URL
     (query(ENGINEERS, "John Bradfield birth year"), VERIFICATION, VERIFICATION),  # same claim, second source
     (query(OBIT, "year John Bradfield was born"), REDUNDANTQUERY, VERIFICATION),  # third source: over B_v = 1
-    (query("http://bio.example/john-bradfield/", "birth year of John Bradfield"), REDUNDANTQUERY, REDUNDANTQUERY),  # same URL (normalised), same goal
+    (
+        query("http://bio.example/john-bradfield/", "birth year of John Bradfield"),
+        REDUNDANTQUERY,
+        REDUNDANTQUERY,
+    ),  # same URL (normalised), same goal
     (query(WIKI, "opening date of the Harbour Bridge"), EXPLORATION, EXPLORATION),  # known URL, new goal
-    (search("Bradfield engineer biography", [BIO, ENGINEERS, OBIT]), REDUNDANTSEARCH, REDUNDANTSEARCH),  # 2/3 of its URLs seen
-    (query("https://archive.example/bridge", "construction cost", status="tool_error"), REDUNDANTQUERY, REDUNDANTQUERY),  # failed
+    (
+        search("Bradfield engineer biography", [BIO, ENGINEERS, OBIT]),
+        REDUNDANTSEARCH,
+        REDUNDANTSEARCH,
+    ),  # 2/3 of its URLs seen
+    (
+        query("https://archive.example/bridge", "construction cost", status="tool_error"),
+        REDUNDANTQUERY,
+        REDUNDANTQUERY,
+    ),  # failed
     (search("Harbour Bridge construction cost", [], status="tool_error"), REDUNDANTSEARCH, REDUNDANTSEARCH),  # failed
-    (search("Harbour Bridge construction cost", ["https://archive.example/bridge"]), UNIQUESEARCH, UNIQUESEARCH),  # the retry is new
+    (
+        search("Harbour Bridge construction cost", ["https://archive.example/bridge"]),
+        UNIQUESEARCH,
+        UNIQUESEARCH,
+    ),  # the retry is new
     (ToolCall("browse", {"url": WIKI}, status="unknown_tool"), REDUNDANTSEARCH, REDUNDANTSEARCH),  # not a tool
 ]
 
@@ -93,7 +109,10 @@ def test_each_claim_has_its_own_verification_budget():
 def test_search_redundancy_by_query_words_or_returned_urls():
     first = search("tallest mountain in Oceania", ["https://a.example/1", "https://a.example/2"])
     # 2 of 4 returned URLs were seen: overlap 0.5, redundant at the default threshold.
-    half_seen = search("Puncak Jaya height", ["https://a.example/1", "http://A.example/2/", "https://b.example/3", "https://b.example/4"])
+    half_seen = search(
+        "Puncak Jaya height",
+        ["https://a.example/1", "http://A.example/2/", "https://b.example/3", "https://b.example/4"],
+    )
     assert rule_labels([first, half_seen]) == [UNIQUESEARCH, REDUNDANTSEARCH]
     assert rule_labels([first, half_seen], url_overlap=0.75) == [UNIQUESEARCH, UNIQUESEARCH]
     # A plural and stopwords do not make a query new.
@@ -119,11 +138,14 @@ def test_no_tool_calls_no_labels():
     assert rule_labels([]) == []
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"budget_verification": -1}, "budget_verification"),
-    ({"query_similarity": 0.0}, "query_similarity"),
-    ({"url_overlap": 1.5}, "url_overlap"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget_verification": -1}, "budget_verification"),
+        ({"query_similarity": 0.0}, "query_similarity"),
+        ({"url_overlap": 1.5}, "url_overlap"),
+    ],
+)
 def test_bad_thresholds_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rule_labels([], **kwargs)

@@ -140,7 +140,8 @@ def test_parse_retry_after_forms():
     assert parse_retry_after({"retry-after": "0.25"}) == 0.25
     assert parse_retry_after({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
     date = email.utils.format_datetime(email.utils.localtime().replace(microsecond=0), usegmt=False)
-    assert parse_retry_after({"Retry-After": date}, now=lambda: email.utils.parsedate_to_datetime(date).timestamp() - 5) == 5.0
+    then = email.utils.parsedate_to_datetime(date).timestamp()
+    assert parse_retry_after({"Retry-After": date}, now=lambda: then - 5) == 5.0
     assert parse_retry_after({"Retry-After": "soon"}) is None
     assert parse_retry_after({}) is None
     assert parse_retry_after(None) is None

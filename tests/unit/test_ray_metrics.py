@@ -52,18 +52,37 @@ def test_step_records_map_the_controller_metrics():
     assert got["rapo_accuracy"] == [(0.25, {"split": "train"})]
     assert got["rapo_policy_version"] == [(3.0, {})]
     assert got["rapo_staleness"] == [(0.0, {}), (1.0, {})]
-    assert sorted(got["rapo_queue_depth"], key=lambda v: v[1]["queue"]) == [(2.0, {"queue": "groups"}), (3.0, {"queue": "running"})]
+    assert sorted(got["rapo_queue_depth"], key=lambda v: v[1]["queue"]) == [
+        (2.0, {"queue": "groups"}),
+        (3.0, {"queue": "running"}),
+    ]
     assert got["rapo_weight_sync_seconds"] == [(0.5, {})]
     assert {t["phase"]: v for v, t in got["rapo_step_seconds"]} == {
-        "generate": 2.5, "reward": 0.01, "wait": 0.2, "train": 1.25, "weight_sync": 0.5, "step": 2.0,
+        "generate": 2.5,
+        "reward": 0.01,
+        "wait": 0.2,
+        "train": 1.25,
+        "weight_sync": 0.5,
+        "step": 2.0,
     }
     assert set(got) <= set(rm.SPECS)
     assert not {"rapo_judge_latency_seconds", "rapo_judge_errors_total"} & set(got)
 
 
 def test_step_records_skip_what_is_missing_zero_or_not_a_number():
-    got = by_name(rm.step_records({"reward/mean": math.nan, "train/accuracy": None, "policy_version": 1, "questions": ["q"],
-                                   "time/train_s": "slow", "train/response_tokens": 0.0}, episodes=0))
+    got = by_name(
+        rm.step_records(
+            {
+                "reward/mean": math.nan,
+                "train/accuracy": None,
+                "policy_version": 1,
+                "questions": ["q"],
+                "time/train_s": "slow",
+                "train/response_tokens": 0.0,
+            },
+            episodes=0,
+        )
+    )
     # No episodes, no tokens: counters never get a zero increment; NaN, None and text are no observations.
     assert got == {"rapo_policy_version": [(1.0, {})]}
 
@@ -79,8 +98,11 @@ def test_judge_records_and_failure_increments():
     assert rm.new_counts({"timeout": 2, "http_5xx": 1}, seen) == {"http_5xx": 1}
     assert rm.new_counts({"timeout": 2, "http_5xx": 1}, seen) == {}
     got = rm.judge_records([0.5, 0.00002], {"timeout": 2, "http_429": 0})
-    assert got == [Record("rapo_judge_latency_seconds", 0.5, {}), Record("rapo_judge_latency_seconds", 0.00002, {}),
-                   Record("rapo_judge_errors_total", 2.0, {"reason": "timeout"})]
+    assert got == [
+        Record("rapo_judge_latency_seconds", 0.5, {}),
+        Record("rapo_judge_latency_seconds", 0.00002, {}),
+        Record("rapo_judge_errors_total", 2.0, {"reason": "timeout"}),
+    ]
 
 
 class FakeMetric:
@@ -99,8 +121,14 @@ class FakeMetric:
 
 def test_emit_calls_what_each_kind_takes():
     fakes = {name: FakeMetric() for name in rm.SPECS}
-    rm.emit([Record("rapo_episodes_total", 8.0, {}), Record("rapo_accuracy", 0.5, {"split": "eval"}),
-             Record("rapo_staleness", 1.0, {})], fakes)
+    rm.emit(
+        [
+            Record("rapo_episodes_total", 8.0, {}),
+            Record("rapo_accuracy", 0.5, {"split": "eval"}),
+            Record("rapo_staleness", 1.0, {}),
+        ],
+        fakes,
+    )
     assert fakes["rapo_episodes_total"].calls == [("inc", 8.0, {})]
     assert fakes["rapo_accuracy"].calls == [("set", 0.5, {"split": "eval"})]
     assert fakes["rapo_staleness"].calls == [("observe", 1.0, {})]
@@ -110,13 +138,23 @@ def test_gauges_are_kept_fresh():
     """Ray's agent drops a gauge series not set for two report intervals: the keeper sets the last values again."""
     fakes = {name: FakeMetric() for name in rm.SPECS}
     keeper = rm.GaugeKeeper(period_s=3600)
-    rm.emit([Record("rapo_accuracy", 0.5, {"split": "eval"}), Record("rapo_accuracy", 0.25, {"split": "train"}),
-             Record("rapo_episodes_total", 8.0, {})], fakes, keeper)
+    rm.emit(
+        [
+            Record("rapo_accuracy", 0.5, {"split": "eval"}),
+            Record("rapo_accuracy", 0.25, {"split": "train"}),
+            Record("rapo_episodes_total", 8.0, {}),
+        ],
+        fakes,
+        keeper,
+    )
     rm.emit([Record("rapo_accuracy", 0.75, {"split": "train"})], fakes, keeper)
     assert keeper.thread is not None and keeper.thread.daemon
     fakes["rapo_accuracy"].calls.clear()
     keeper.refresh()
-    assert sorted(fakes["rapo_accuracy"].calls, key=str) == [("set", 0.5, {"split": "eval"}), ("set", 0.75, {"split": "train"})]
+    assert sorted(fakes["rapo_accuracy"].calls, key=str) == [
+        ("set", 0.5, {"split": "eval"}),
+        ("set", 0.75, {"split": "train"}),
+    ]
     assert fakes["rapo_episodes_total"].calls == [("inc", 8.0, {})]  # counters are cumulative: never repeated
 
 
@@ -143,7 +181,9 @@ def test_specs_are_valid_ray_metrics(spec):
 def test_real_ray_metric_objects_can_be_made_without_a_cluster():
     made = rm.registry()
     assert set(made) == set(rm.SPECS)
-    assert type(made["rapo_staleness"]).__name__ == "Histogram" and made["rapo_staleness"].boundaries == list(rm.STALENESS_BUCKETS)
+    assert type(made["rapo_staleness"]).__name__ == "Histogram" and made["rapo_staleness"].boundaries == list(
+        rm.STALENESS_BUCKETS
+    )
 
 
 def test_the_grafana_dashboard_charts_exactly_these_metrics():

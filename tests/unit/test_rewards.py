@@ -221,9 +221,17 @@ def test_stage2_incorrect_clamped_is_non_negative_and_dominates(labels: list[str
 def _traj(**kw):
     from rollout.types import ToolCall, Trajectory
 
-    base = dict(question_id="q", sample_index=0, token_ids=[1, 2, 3], loss_mask=[0, 1, 1],
-                behaviour_logprobs=[0.0, -1.0, -1.0], prompt_length=1, tool_calls=[ToolCall("search_urls", {"query": "x"})],
-                answer="Paris", format_ok=True)
+    base = dict(
+        question_id="q",
+        sample_index=0,
+        token_ids=[1, 2, 3],
+        loss_mask=[0, 1, 1],
+        behaviour_logprobs=[0.0, -1.0, -1.0],
+        prompt_length=1,
+        tool_calls=[ToolCall("search_urls", {"query": "x"})],
+        answer="Paris",
+        format_ok=True,
+    )
     return Trajectory(**{**base, **kw})
 
 
