@@ -31,7 +31,8 @@ def _scale(n: int) -> dict:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="Known bug, issue 12 open: a worker added by rapo scale fails to join the gloo weight group (the re-formed group loses the learner: ActorDiedError), so the scale-up times out",
+    reason="Known bug, issue 12 open: a worker added by rapo scale fails to join the gloo weight group "
+    "(the re-formed group loses the learner: ActorDiedError), so the scale-up times out",
 )
 def test_scale_up_and_down_while_training(rapo, tmp_path):
     run = tmp_path / "run"

@@ -98,7 +98,8 @@ def _scale(address: str, n: int) -> dict:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="Known bug, issue 12 open: a worker added by rapo scale fails to join the gloo weight group (the re-formed group loses the learner: ActorDiedError), so the scale-up times out",
+    reason="Known bug, issue 12 open: a worker added by rapo scale fails to join the gloo weight group "
+    "(the re-formed group loses the learner: ActorDiedError), so the scale-up times out",
 )
 def test_learner_and_rollout_on_two_nodes_with_a_scale_up(two_nodes, rapo, tmp_path):
     run = tmp_path / "run"
