@@ -199,24 +199,12 @@ def make_batch(n: int, tag: str, stage: int):
 def expected_reward(traj, question, spec) -> float:
     """What the test server's rule-following judge (and the rule fallback) give."""
     from rewards.answer import rule_judge
-    from rewards.formulas import stage1_reward, stage2_reward
     from rewards.labeller import rule_labels
+    from rewards.scoring import spec_reward
 
     correct = rule_judge(traj.answer, question.golds())
-    if spec.stage == 1:
-        return stage1_reward(traj.format_ok, correct, spec.format_weight)
-    labels = rule_labels(traj.tool_calls, budget_verification=spec.budget_verification)
-    return stage2_reward(
-        traj.format_ok,
-        correct,
-        labels,
-        format_weight=spec.format_weight,
-        c_search=spec.c_search,
-        c_query=spec.c_query,
-        cap_search=spec.cap_search,
-        cap_query=spec.cap_query,
-        clamp_delta=spec.clamp_delta,
-    )
+    labels = [] if spec.stage == 1 else rule_labels(traj.tool_calls, budget_verification=spec.budget_verification)
+    return spec_reward(spec, traj.format_ok, correct, labels)
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,17 +86,7 @@ async def score_trajectory(
         retries, fallbacks = retries + max(0, outcome.attempts - 1), fallbacks + int(outcome.fallback)
     else:
         labels, labels_source = rule_labels(traj.tool_calls, budget_verification=spec.budget_verification), "rule"
-    reward = stage2_reward(
-        traj.format_ok,
-        correct,
-        labels,
-        format_weight=spec.format_weight,
-        c_search=spec.c_search,
-        c_query=spec.c_query,
-        cap_search=spec.cap_search,
-        cap_query=spec.cap_query,
-        clamp_delta=spec.clamp_delta,
-    )
+    reward = spec_reward(spec, traj.format_ok, correct, labels)
     return Score(reward, correct, labels, judge_source, labels_source, retries, fallbacks, time.perf_counter() - t0)
 
 
@@ -106,3 +96,13 @@ def apply_score(traj: Trajectory, score: Score) -> Trajectory:
         traj.error, traj.finish_reason = score.error, "error"
         traj.loss_mask = [0] * len(traj.token_ids)  # judged by nobody: trained on by nobody
     return traj
+
+
+def spec_reward(spec: RewardSpec, format_ok: bool, correct: bool, labels) -> float:
+    """The reward ``spec`` gives an episode: stage 1 from format and answer, stage 2 also from its step labels."""
+    if spec.stage == 1:
+        return stage1_reward(format_ok, correct, spec.format_weight)
+    return stage2_reward(
+        format_ok, correct, labels, format_weight=spec.format_weight, c_search=spec.c_search, c_query=spec.c_query,
+        cap_search=spec.cap_search, cap_query=spec.cap_query, clamp_delta=spec.clamp_delta,
+    )
