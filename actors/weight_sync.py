@@ -73,19 +73,27 @@ class WeightBroadcaster:
         done, pending = await asyncio.wait(tasks, timeout=self.timeout_s + 30)
         for t in pending:
             t.cancel()
-        dead, failed = [], []
+        dead, failed, causes = [], [], []
         for slot, t in zip(slots, tasks[1:]):
-            error = t.exception() if t in done else TimeoutError()
+            error = t.exception() if t in done else TimeoutError("no answer")
             if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
                 dead.append(slot.name)
             elif error is not None:
                 failed.append(slot.name)
+                causes.append(f"{slot.name}: {_cause(error)}")
         sender_error = tasks[0].exception() if tasks[0] in done else TimeoutError("no answer")
         if dead or failed or sender_error is not None:
             raise WeightPushFailed(
                 f"weight push: {what} failed; died: {dead or 'none'}; failed or timed out after "
-                f"{self.timeout_s:.0f} s: {failed or 'none'}; learner: {sender_error!r}", dead, failed)
+                f"{self.timeout_s:.0f} s: {'; '.join(causes) or 'none'}; "
+                f"learner: {_cause(sender_error) if sender_error else 'ok'}", dead, failed)
         return tasks[0].result()
+
+
+def _cause(error: BaseException) -> str:
+    """The remote exception's own type and message (a RayTaskError wraps it in its traceback)."""
+    inner = getattr(error, "cause", None) or error
+    return f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}"
 
 
 async def _wrap(ref):

@@ -224,7 +224,7 @@ def cmd_run(args) -> int:
         shutil.rmtree(weights_dir, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     _log(f"summary: {output_dir / 'summary.json'}")
-    return 0 if summary.get("status") == "completed" else 1
+    return 0 if summary.get("status") in ("completed", "stopped") else 1
 
 
 def cmd_eval(args) -> int:
@@ -371,6 +371,17 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from cluster import jobs
 
+    if args.job_id is None:
+        # A live run (no job id): it ends after the step in progress, with its summary and checkpoint.
+        import ray
+
+        controller = _connect(args.address, args.namespace)
+        at = ray.get(controller.request_stop.remote())
+        _log(f"run stopping after step {at['step'] + 1} of {at['steps']} (then final eval, checkpoint, summary)")
+        return 0
+    if args.address is None:
+        console.print("[red]error:[/] a job's stop needs --address http://HEAD:8265")
+        return 2
     stopped = jobs.stop(args.address, args.job_id)
     _log(f"job {args.job_id}: {'stop requested' if stopped else 'was not running'}")
     return 0
@@ -422,9 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     job_logs.add_argument("--follow", "-f", action="store_true")
     job_logs.set_defaults(func=cmd_logs)
 
-    stop = sub.add_parser("stop", help="stop a submitted job")
-    stop.add_argument("job_id")
-    stop.add_argument("--address", required=True)
+    stop = sub.add_parser(
+        "stop", help="end a running run after its current step (summary, checkpoint), or stop a submitted job"
+    )
+    stop.add_argument("job_id", nargs="?", help="a submitted job's id (without it: the run on --address)")
+    stop.add_argument("--address", help="Ray address (a job: the dashboard's http://HEAD:8265; a run: default auto)")
+    stop.add_argument("--namespace", default="rapo", help="the run's ray.namespace")
     stop.set_defaults(func=cmd_stop)
 
     evaluate = sub.add_parser(

@@ -123,6 +123,7 @@ class Controller:
         self.output_dir = Path(ctx.output_dir)
         p, lc = cfg.pipeline, cfg.learner
         self.phase = "starting"
+        self.stop_requested = False  # `rapo stop`: the step in progress is the last
         self.state = RunState()  # what a checkpoint holds
         self.tracker: Tracker | None = None
         self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
@@ -269,7 +270,8 @@ class Controller:
                 await self._evaluate(self.state.step)
             await self._checkpoint(self.state.step)
             await self._export_policy()
-            summary = await self._summary("completed")
+            stopped = self.stop_requested and self.state.step < cfg.pipeline.steps
+            summary = await self._summary("stopped" if stopped else "completed")
             self._finish(summary, "FINISHED")
             return summary
         except BaseException as e:
@@ -437,7 +439,7 @@ class Controller:
     # ---- trainer -------------------------------------------------------------------------------
     async def _trainer(self) -> None:
         cfg = self.cfg
-        while self.state.step < cfg.pipeline.steps:
+        while self.state.step < cfg.pipeline.steps and not self.stop_requested:
             step = self.state.step + 1
             t_step = time.perf_counter()
             self.phase = f"step {step}: waiting for {cfg.pipeline.questions_per_step} groups"
@@ -691,6 +693,12 @@ class Controller:
         result = await self.fleet.scale(rollout_workers)
         await self._write_actor_table()
         return result
+
+    async def request_stop(self) -> dict:
+        """`rapo stop`: end the run after the step in progress, as if it were the last one (final eval,
+        checkpoint, policy export, summary with status "stopped"); `--resume` continues it."""
+        self.stop_requested = True
+        return {"step": self.state.step, "steps": self.cfg.pipeline.steps, "phase": self.phase}
 
     async def actors(self) -> dict:
         """Names, pids and nodes of the run's actors (`rapo status`; the fault-injection tests)."""

@@ -42,6 +42,25 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def stop_ray_node(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Stop a throw-away `ray start --block` node through its process group.
+
+    `ray start --block` takes about 30 s to act on SIGTERM; the node holds nothing a test keeps
+    (its folders are removed after), so a short grace and then SIGKILL for the whole group.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 30
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 class RapoProcess:
     """The CLI in its own process group, its output in a file (a pipe nobody reads would block it)."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, group_alive
+from tests.e2e.conftest import REPO, stop_ray_node
 
 pytestmark = pytest.mark.slow
 
@@ -68,17 +67,7 @@ def ray_head(tmp_path):
         assert head.poll() is None and time.monotonic() < deadline, "ray head did not start"
         time.sleep(1)
     yield url
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(10)
-    deadline = time.monotonic() + 30
-    while group_alive(head.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if group_alive(head.pid):
-        os.killpg(head.pid, signal.SIGKILL)
+    stop_ray_node(head)
     shutil.rmtree(temp, ignore_errors=True)
 
 
