@@ -162,3 +162,57 @@ def smoke_run(tmp_path_factory) -> Iterator[FinishedRun]:
     finally:
         p.kill()
         os.unlink(p.log.name)
+
+
+@dataclass
+class JudgedRun(FinishedRun):
+    key: str  # the judge's API key (in the environment of the run only)
+    key_env: str  # the variable it is read from
+    ray_tmp: Path  # the run's own Ray session folder (searched for secrets)
+    server: object  # the OpenAI test server, still serving (`rapo eval` of the run judges through it)
+    chat: list  # the chat requests the run made (recorded when the run ended)
+    faults: dict  # what the server injected into them, by kind
+
+
+@pytest.fixture(scope="session")
+def judged_run(tmp_path_factory) -> Iterator[JudgedRun]:
+    """One SmolLM2 run at reward stage 2 through an LLM judge behind a real HTTP server, shared by
+    test_llm_judge_run (the judge path, secrets) and test_eval (`rapo eval` of its policy, judged
+    through the same server): one start-up and one run instead of two."""
+    import secrets
+    import shutil
+
+    from tests.e2e import test_llm_judge_run as spec
+    from tests.servers.openai_server import MALFORMED, OpenAITestServer
+
+    key = f"sk-rapo-e2e-{secrets.token_hex(16)}"
+    out = tmp_path_factory.mktemp("judged") / "run"
+    # Ray's session folder (logs of every worker, raylet, GCS, dashboard) for this run only, so
+    # that it can be searched too. Short: Ray's unix socket paths live under it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
+    server = OpenAITestServer(
+        api_key=key, latency_s=spec.LATENCY_S, faults=[MALFORMED] * spec.PLANNED_FAILURES,
+        # Then at random: HTTP 429/500, prose or broken JSON, a wrong number of labels.
+        error_rate=0.15, malformed_rate=0.1, wrong_count_rate=0.1, seed=7,
+    )
+    p = None
+    try:
+        with server as srv:
+            p = RapoProcess([
+                "run", "deploy/configs/smoke.yaml", "--output-dir", str(out),
+                f"pipeline.steps={spec.STEPS}", *SMOLLM2_POLICY, "rewards.stage=2",
+                f"rewards.num_actors={spec.ACTORS}", f"rewards.max_in_flight_per_actor={spec.PER_ACTOR}",
+                f"rewards.judge.base_url={srv.base_url}", f"rewards.judge.model={srv.model}",
+                f"rewards.judge.api_key_env={spec.KEY_ENV}", "rewards.judge.max_retries=1",
+                "rewards.judge.timeout_s=10", "rewards.judge.backoff_base_s=0.02", "rewards.judge.backoff_max_s=0.1",
+            ], env={spec.KEY_ENV: key, "RAY_TMPDIR": str(ray_tmp)})
+            code = p.wait(timeout=1200)
+            gone = p.group_gone(timeout=30)
+            chat = [r for r in srv.requests if r.path.endswith("/chat/completions")]
+            yield JudgedRun(out=out, code=code, output=p.output, gone=gone, live={}, key=key, key_env=spec.KEY_ENV,
+                            ray_tmp=ray_tmp, server=srv, chat=chat, faults=dict(srv.count_by_fault()))
+    finally:
+        if p is not None:
+            p.kill()
+            os.unlink(p.log.name)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

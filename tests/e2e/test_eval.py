@@ -1,7 +1,9 @@
 """`rapo eval` on a run's exported policy reports the held-out accuracy of the run's summary.
 
-One short smoke run (real vLLM, DeepSpeed, Ray, Redis), then `rapo eval RUN/policy` as a
-user runs it: its own process, a fresh vLLM engine in that process, no Ray.
+A short SmolLM2 run (real vLLM, DeepSpeed, Ray, Redis; the stage-2 run of test_llm_judge_run,
+shared through the session fixture `judged_run`), then `rapo eval RUN/policy` as a user runs it:
+its own process, a fresh vLLM engine in that process, no Ray, judged through the run's LLM judge
+(the test server is still serving; its API key in the environment, as for the run).
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tests.e2e.conftest import SMOLLM2_POLICY as POLICY
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +21,16 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_eval_of_a_runs_policy_matches_the_runs_final_eval(rapo, tmp_path):
+def test_eval_of_a_runs_policy_matches_the_runs_final_eval(rapo, judged_run, tmp_path):
     def cli(*args: str, timeout: float):
-        p = rapo(*args)
+        p = rapo(*args, env={judged_run.key_env: judged_run.key})
         assert p.wait(timeout=timeout) == 0, p.output[-4000:]
         # Everything it started (Ray, Redis, learners, vLLM's engine core) went with it.
         assert p.group_gone(timeout=30), f"rapo {args[0]} left processes behind"
         return p
 
-    run = tmp_path / "run"
-    cli("run", "deploy/configs/smoke.yaml", "--output-dir", str(run), "pipeline.steps=1", *POLICY, timeout=1200)
+    run = judged_run.out
+    assert judged_run.code == 0 and judged_run.gone, judged_run.output[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
 
