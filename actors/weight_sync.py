@@ -65,8 +65,9 @@ class WeightBroadcaster:
                 ranks = [s.info.get("weight_ranks", 1) for s in slots]
                 # Per collective (one bucket, one join), so shorter than the whole push may take: a member
                 # that died frees the others soon, and their engines can take the next group's join.
-                address = await learner.open_weight_group(self.transport, sum(ranks) + 1,
-                                                          min(self.timeout_s, OP_TIMEOUT_S))
+                address = await self._learner(learner.open_weight_group(self.transport, sum(ranks) + 1,
+                                                                        min(self.timeout_s, OP_TIMEOUT_S)),
+                                              "open the weight group")
                 infos = self.transport.init_infos(address, ranks)
                 joins = [s.handle.join_weight_group.remote(info) for s, info in zip(slots, infos)]
                 await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
@@ -79,6 +80,15 @@ class WeightBroadcaster:
         except BaseException:
             self.members = None
             raise
+
+    async def _learner(self, call, what: str):
+        """A learner-only call, bounded: a learner still blocked in a failed push (an NCCL broadcast
+        has no op timeout) fails the push, named, instead of hanging it."""
+        try:
+            return await asyncio.wait_for(call, self.timeout_s + 30)
+        except TimeoutError:
+            raise WeightPushFailed(f"weight push: learner rank 0 did not {what} within {self.timeout_s + 30:.0f} s "
+                                   "(still blocked in an earlier push?)", [], []) from None
 
     async def _all(self, sender, receivers: list, slots: list, what: str):
         tasks = [asyncio.ensure_future(sender)] + [asyncio.ensure_future(_wrap(r)) for r in receivers]

@@ -178,3 +178,79 @@ def test_learner_refuses_nccl_without_cuda():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="weights.transport=gloo"):
         weight_transport("nccl", 1 << 20).open("127.0.0.1", 2, 10)
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class _Engine:
+    def __init__(self, log, name):
+        async def join(info):
+            log.append((name, "join", info))
+
+        async def receive(updates, version):
+            log.append((name, "receive", updates, version))
+
+        self.join_weight_group, self.receive_weights = _Remote(join), _Remote(receive)
+
+
+class _Slot:
+    def __init__(self, log, name, ranks):
+        self.name, self.restarts, self.info, self.handle = name, 0, {"weight_ranks": ranks}, _Engine(log, name)
+
+
+class _Learner:
+    def __init__(self, hang_open=False):
+        self.hang_open, self.opened = hang_open, []
+
+    async def weight_plan(self, dtype, bucket_bytes):
+        from dataclasses import asdict
+
+        return asdict(plan_buckets([(n, dtype, s) for n, _, s in _params()], bucket_bytes))
+
+    async def open_weight_group(self, transport, world_size, timeout_s):
+        import asyncio
+
+        if self.hang_open:
+            await asyncio.sleep(3600)
+        self.opened.append((transport.name, world_size))
+        return {"master_address": "10.0.0.5", "master_port": 41234}
+
+    async def join_weight_group(self):
+        pass
+
+    async def send_weights(self, plan):
+        return 1
+
+
+def test_the_broadcaster_forms_an_nccl_group_of_every_engines_ranks_and_sends_per_bucket_updates():
+    import asyncio
+
+    from actors.weight_sync import WeightBroadcaster
+
+    log, learner = [], _Learner()
+    broadcaster = WeightBroadcaster(lambda: learner, transport="nccl", dtype="bfloat16", bucket_bytes=8 << 10,
+                                    timeout_s=5)
+    slots = [_Slot(log, "rollout-0", 1), _Slot(log, "rollout-1", 2)]
+    asyncio.run(broadcaster.push(3, slots))
+    assert learner.opened == [("nccl", 4)]
+    joins = {name: _vllm_engine().parse_init_info(info) for name, kind, info, *_ in log if kind == "join"}
+    assert (joins["rollout-0"].rank_offset, joins["rollout-1"].rank_offset) == (1, 2)
+    receives = [entry for entry in log if entry[1] == "receive"]
+    assert len(receives) == 2 and all(version == 3 for *_, version in receives)
+    plan = plan_buckets(_params(), 8 << 10)
+    assert [len(_vllm_engine().parse_update_info(u).names) for u in receives[0][2]] == plan.bucket_sizes
+
+
+def test_a_learner_still_blocked_in_an_earlier_push_fails_the_next_one_named():
+    import asyncio
+
+    from actors.weight_sync import WeightBroadcaster, WeightPushFailed
+
+    broadcaster = WeightBroadcaster(lambda: _Learner(hang_open=True), transport="nccl", dtype="bfloat16",
+                                    bucket_bytes=8 << 10, timeout_s=0.01)
+    broadcaster.timeout_s = -29.9  # the bound is timeout_s + 30 s: 0.1 s here
+    with pytest.raises(WeightPushFailed, match="learner rank 0 did not open the weight group"):
+        asyncio.run(broadcaster.push(1, [_Slot([], "rollout-0", 1)]))
