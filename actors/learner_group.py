@@ -6,7 +6,6 @@ to all ranks at once and awaited together; calling ranks one after another deadl
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from pathlib import Path
@@ -75,35 +74,28 @@ class LearnerWorker:
 
         return asdict(self.trainer.weight_plan(dtype, bucket_bytes))
 
-    def open_weight_group(self, world_size: int, timeout_s: float) -> dict:
-        """Rank 0: host the rendezvous of a new weight group on this node; returns how receivers join it."""
-        from rollout.weight_wire import GroupAddress, open_store
-
+    def open_weight_group(self, transport, world_size: int, timeout_s: float) -> dict:
+        """Rank 0: host the rendezvous of a new weight group on this node, over `transport`
+        (rollout/weight_transport.py); returns the address the receivers join."""
         self.close_weight_group()
-        host = ray.util.get_node_ip_address()
-        self._weight_store = open_store(host, timeout_s)
-        self._weight_address = GroupAddress(host, self._weight_store.port, 0, world_size, timeout_s)
-        return self._weight_address.for_rank(1)
+        self._weight_transport = transport
+        return transport.open(ray.util.get_node_ip_address(), world_size, timeout_s)
 
     def join_weight_group(self) -> None:
         """Rank 0: join the group opened last; returns once every receiver has joined."""
-        from rollout.weight_wire import join_group
-
-        self._weight_group = join_group(self._weight_address, self._weight_store)
+        self._weight_transport.join()
 
     def close_weight_group(self) -> None:
-        group = getattr(self, "_weight_group", None)
-        if group is not None:
-            with contextlib.suppress(Exception):  # peers that died leave nothing to shut down cleanly
-                group.shutdown()
-        self._weight_group = None
+        transport = getattr(self, "_weight_transport", None)
+        if transport is not None:
+            transport.close()
 
     def send_weights(self, plan: dict) -> int:
-        """Every rank (a collective under ZeRO-3); rank 0 broadcasts to the weight group."""
+        """Every rank (a collective under ZeRO-3); rank 0 sends to the weight group."""
         from rollout.weight_wire import UpdatePlan
 
         try:
-            return self.trainer.send_weights(UpdatePlan(**plan), getattr(self, "_weight_group", None))
+            return self.trainer.send_weights(UpdatePlan(**plan), getattr(self, "_weight_transport", None))
         except Exception:
             # A broken group (a receiver died mid-transfer) is never reused: the next push re-forms it.
             self.close_weight_group()
@@ -157,8 +149,8 @@ class LearnerGroup:
     async def weight_plan(self, dtype: str, bucket_bytes: int) -> dict:
         return await self.workers[0].weight_plan.remote(dtype, bucket_bytes)
 
-    async def open_weight_group(self, world_size: int, timeout_s: float) -> dict:
-        return await self.workers[0].open_weight_group.remote(world_size, timeout_s)
+    async def open_weight_group(self, transport, world_size: int, timeout_s: float) -> dict:
+        return await self.workers[0].open_weight_group.remote(transport, world_size, timeout_s)
 
     async def join_weight_group(self) -> None:
         await self.workers[0].join_weight_group.remote()

@@ -63,6 +63,8 @@ class RolloutWorker:
             "pid": os.getpid(),
             "startup_s": self.startup_s,
             "version": self.engine.version,
+            # Ranks its engine takes in a weight group (weights.transport gloo / nccl).
+            "weight_ranks": getattr(self.engine, "weight_ranks", 1),
         }
 
     async def rollout(self, requests: list[EpisodeRequest], tag: str) -> list[Trajectory]:
@@ -101,10 +103,10 @@ class RolloutWorker:
     async def join_weight_group(self, init_info: dict) -> None:
         await self.engine.join_weight_group(init_info)
 
-    async def receive_weights(self, plan: dict, version: int) -> float:
+    async def receive_weights(self, updates: list[dict], version: int) -> float:
         """One version through the engine's weight-transfer protocol (weights.transport gloo / nccl)."""
         t0 = time.perf_counter()
-        await self.engine.receive_weights(plan, version)
+        await self.engine.receive_weights(updates, version)
         return time.perf_counter() - t0
 
     async def shutdown(self) -> None:

@@ -1,8 +1,10 @@
 """Pushing a policy version to the rollout engines through one weight group (weights.transport gloo / nccl).
 
-The group is learner rank 0 plus every receiving engine; it is formed again whenever its members
-change (a worker joined, left or was restarted). A push streams the learner's buckets while every
-member receives them through vLLM's weight-transfer protocol. A member that dies or stalls during
+The group is learner rank 0 plus every receiving engine's ranks; it is formed again whenever its
+members change (a worker joined, left or was restarted). A push streams the learner's buckets while
+every member receives them through vLLM's weight-transfer protocol. What differs between gloo and
+nccl (the engine, the join and update payloads, rank 0's end) is the transport's
+(rollout/weight_transport.py); this orchestration is the same for both. A member that dies or stalls during
 a push fails it after the timeout, named; the fleet brings it back through recovery and pushes
 again to the others in a group re-formed without it.
 
@@ -18,6 +20,9 @@ from collections.abc import Callable
 
 import ray
 
+from rollout.weight_transport import weight_transport
+from rollout.weight_wire import UpdatePlan
+
 OP_TIMEOUT_S = 60.0
 
 
@@ -29,14 +34,17 @@ class WeightPushFailed(RuntimeError):
 
 
 class WeightBroadcaster:
-    def __init__(self, learner: Callable[[], object], *, dtype: str, bucket_bytes: int, timeout_s: float):
+    def __init__(self, learner: Callable[[], object], *, transport: str, dtype: str, bucket_bytes: int,
+                 timeout_s: float):
         self.learner = learner
+        self.transport = weight_transport(transport, bucket_bytes)
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
         self.lock = asyncio.Lock()
         self.members: tuple | None = None
         self.plan: dict | None = None
+        self.updates: list[dict] | None = None  # the plan as the transport's update_weights payloads
         self.groups_formed = 0
         self.bytes_sent = 0
 
@@ -48,24 +56,39 @@ class WeightBroadcaster:
         learner = self.learner()
         if self.plan is None:
             self.plan = await learner.weight_plan(self.dtype, self.bucket_bytes)
+            self.updates = self.transport.update_infos(UpdatePlan(**self.plan))
         key = tuple((s.name, s.restarts, id(learner)) for s in slots)
         try:
             if key != self.members:
                 self.members = None
+                # An engine split over several GPUs holds that many ranks (its vLLM world size).
+                ranks = [s.info.get("weight_ranks", 1) for s in slots]
                 # Per collective (one bucket, one join), so shorter than the whole push may take: a member
                 # that died frees the others soon, and their engines can take the next group's join.
-                address = await learner.open_weight_group(len(slots) + 1, min(self.timeout_s, OP_TIMEOUT_S))
-                joins = [s.handle.join_weight_group.remote({**address, "rank": i + 1}) for i, s in enumerate(slots)]
+                address = await self._learner(learner.open_weight_group(self.transport, sum(ranks) + 1,
+                                                                        min(self.timeout_s, OP_TIMEOUT_S)),
+                                              "open the weight group")
+                infos = self.transport.init_infos(address, ranks)
+                joins = [s.handle.join_weight_group.remote(info) for s, info in zip(slots, infos)]
                 await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
                 self.members = key
                 self.groups_formed += 1
             sent = await self._all(learner.send_weights(self.plan),
-                                   [s.handle.receive_weights.remote(self.plan, version) for s in slots],
+                                   [s.handle.receive_weights.remote(self.updates, version) for s in slots],
                                    slots, f"receive weights v{version}")
             self.bytes_sent += sent or 0
         except BaseException:
             self.members = None
             raise
+
+    async def _learner(self, call, what: str):
+        """A learner-only call, bounded: a learner still blocked in a failed push (an NCCL broadcast
+        has no op timeout) fails the push, named, instead of hanging it."""
+        try:
+            return await asyncio.wait_for(call, self.timeout_s + 30)
+        except TimeoutError:
+            raise WeightPushFailed(f"weight push: learner rank 0 did not {what} within {self.timeout_s + 30:.0f} s "
+                                   "(still blocked in an earlier push?)", [], []) from None
 
     async def _all(self, sender, receivers: list, slots: list, what: str):
         tasks = [asyncio.ensure_future(sender)] + [asyncio.ensure_future(_wrap(r)) for r in receivers]

@@ -134,18 +134,20 @@ def time_native(model, plan, receivers: Receivers, k: int, reps: int) -> float:
     import torch  # noqa: F401
 
     from learner.weight_stream import send_weights
-    from rollout.weight_wire import GroupAddress, join_group, open_store
+    from rollout.weight_transport import GlooTransport
 
-    store = open_store("127.0.0.1", 300)
-    address = GroupAddress("127.0.0.1", store.port, 0, k + 1, 300)
-    receivers.ask(k, "join", [address.for_rank(r + 1) for r in range(k)])
-    group = join_group(address, store)
+    # The plan is already cut into buckets; the gloo sender takes them as they come.
+    transport = GlooTransport(bucket_bytes=0)
+    address = transport.open("127.0.0.1", k + 1, 300)
+    receivers.ask(k, "join", transport.init_infos(address, [1] * k))
+    transport.join()
+    group = transport.group
     receivers.answers(k)
     times = []
     for _ in range(reps):
         receivers.ask(k, "recv", [asdict(plan)] * k)
         t0 = time.perf_counter()
-        send_weights(model, plan, group, zero3=False, is_sender=True)
+        send_weights(model, plan, transport, zero3=False, is_sender=True)
         group.barrier().wait()
         times.append(time.perf_counter() - t0)
         assert all(n == len(plan.names) for n in receivers.answers(k))

@@ -323,28 +323,43 @@ class WeightsConfig(Section):
 
     transport: Literal["auto", "gloo", "nccl", "file"] = Field(
         "auto",
-        description="gloo: vLLM's weight-transfer protocol, one gloo broadcast per bucket (any machine, "
-        "GPUs included); nccl: reserved for vLLM's NCCL engine (not wired to the learner yet); file: one safetensors "
-        "file per version pulled by each worker (kept for comparison); auto: gloo, or file for simulated engines",
+        description="gloo: vLLM's weight-transfer protocol through the project's rapo_gloo engine, one gloo "
+        "broadcast per bucket (any machine, GPUs included); nccl: the same protocol through vLLM's own NCCL "
+        "engine, one NCCL broadcast per bucket (vLLM engine, learner and every rollout worker on whole GPUs of "
+        "their own; opt-in); file: one safetensors file per version pulled by each worker (kept for comparison); "
+        "auto: gloo, or file for simulated engines",
     )
     bucket_mb: float | None = Field(
         None, gt=0, description="parameters gathered, cast and sent at a time (default: 256 MB on GPUs, 64 MB on CPUs)"
     )
 
-    def resolve(self, engine_kind: str, learner_backend: str) -> str:
+    def resolve(self, engine_kind: str, learner_backend: str, learner_gpus: float = 0.0,
+                rollout_gpus: float = 0.0) -> str:
+        """The transport a run uses; ConfigError (one line, naming what to use) when it cannot run.
+
+        `engine_kind` may still be auto (vLLM if it imports): the controller resolves again with the
+        engine it found. The GPU counts are what each learner rank and rollout worker asks Ray for.
+        """
         simulated = "simulated" in (engine_kind, learner_backend)
-        if self.transport == "nccl":
-            raise ValueError(
-                "weights.transport=nccl is not wired to the learner yet: use weights.transport=gloo "
-                "(vLLM's same protocol; it runs on GPU machines too)"
-            )
         if self.transport == "auto":
             return "file" if simulated else "gloo"
-        if self.transport == "gloo" and simulated:
-            raise ValueError(
-                "weights.transport=gloo needs real weights: the simulated engine and learner take "
+        if self.transport in ("gloo", "nccl") and simulated:
+            raise ConfigError(
+                f"weights.transport={self.transport} needs real weights: the simulated engine and learner take "
                 "weights.transport=file (or auto)"
             )
+        if self.transport == "nccl":
+            if engine_kind == "transformers":
+                raise ConfigError(
+                    "weights.transport=nccl needs the vLLM engine (its NCCL weight-transfer engine receives); "
+                    "the transformers engine takes weights.transport=gloo"
+                )
+            if learner_gpus < 1 or rollout_gpus < 1:
+                raise ConfigError(
+                    "weights.transport=nccl needs CUDA: learner.num_gpus_per_rank and rollout.num_gpus_per_worker "
+                    f"of at least 1 (got {learner_gpus:g} and {rollout_gpus:g}; NCCL puts no two group members on "
+                    "one GPU); use weights.transport=gloo where there are no GPUs"
+                )
         return self.transport
 
     def bucket_bytes(self, gpu: bool) -> int:
@@ -402,7 +417,8 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _weights_transport_fits(self) -> RunConfig:
-        self.weights.resolve(self.rollout.engine, self.learner.backend)
+        self.weights.resolve(self.rollout.engine, self.learner.backend, self.learner.num_gpus_per_rank,
+                             self.rollout.num_gpus_per_worker)
         return self
 
     @model_validator(mode="after")

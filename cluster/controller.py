@@ -128,7 +128,8 @@ class Controller:
         self.tracker: Tracker | None = None
         self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
         self.rollout_dtype = rollout_dtype(cfg.rollout)  # the dtype weights are published in
-        self.weight_transport = cfg.weights.resolve(self.engine_kind, cfg.learner.backend)
+        self.weight_transport = cfg.weights.resolve(self.engine_kind, cfg.learner.backend,
+                                                    cfg.learner.num_gpus_per_rank, cfg.rollout.num_gpus_per_worker)
         self.started = time.time()
         self.errors: list[str] = []
         self.use_scaling, self.use_replay, self.use_pruning = (
@@ -226,11 +227,7 @@ class Controller:
 
     def _worker_factory(self, documents):
         cfg, r = self.cfg, self.cfg.rollout
-        spec = engine_spec(cfg, Path(self.ctx.model_dir), self.engine_kind)
-        if self.engine_kind == "vllm" and self.weight_transport != "file":
-            from rollout.weight_wire import BACKEND
-
-            spec = replace(spec, extra={**spec.extra, "weight_transfer_config": {"backend": BACKEND}})
+        spec = engine_spec(cfg, Path(self.ctx.model_dir), self.engine_kind, self.weight_transport)
         limits = episode_limits(r)
         options = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker,
                    "resources": dict(r.resources) or None}
@@ -239,11 +236,11 @@ class Controller:
             options, (self.engine_kind, spec, limits, cfg.tools, documents, self.ctx.weights_dir, redis))
 
     def _weight_broadcaster(self) -> WeightBroadcaster | None:
-        """weights.transport gloo: versions go through vLLM's weight-transfer protocol (None: files)."""
+        """weights.transport gloo / nccl: versions go through vLLM's weight-transfer protocol (None: files)."""
         if self.weight_transport == "file":
             return None
         gpu = self.cfg.learner.num_gpus_per_rank > 0
-        return WeightBroadcaster(lambda: self.learner, dtype=self.rollout_dtype,
+        return WeightBroadcaster(lambda: self.learner, transport=self.weight_transport, dtype=self.rollout_dtype,
                                  bucket_bytes=self.cfg.weights.bucket_bytes(gpu),
                                  timeout_s=self.cfg.pipeline.weight_sync_timeout_s)
 

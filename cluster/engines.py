@@ -30,13 +30,19 @@ def rollout_dtype(r: RolloutConfig) -> str:
     return r.dtype if r.dtype != "auto" else ("bfloat16" if r.num_gpus_per_worker > 0 else "float32")
 
 
-def engine_spec(cfg: RunConfig, model_dir: Path, engine_kind: str) -> EngineSpec:
+def engine_spec(cfg: RunConfig, model_dir: Path, engine_kind: str, weight_transport: str = "file") -> EngineSpec:
+    """`weight_transport` (resolved weights.transport): gloo and nccl give a vLLM engine the
+    weight-transfer engine that transport's versions arrive through (rollout/weight_transport.py)."""
     r = cfg.rollout
+    extra: dict = {"latency_model": r.latency_model.model_dump()} if engine_kind == "simulated" else {}
+    if engine_kind == "vllm" and weight_transport != "file":
+        from rollout.weight_transport import TRANSPORTS
+
+        extra["weight_transfer_config"] = {"backend": TRANSPORTS[weight_transport].backend}
     return EngineSpec(
         model_dir=Path(model_dir), dtype=rollout_dtype(r), max_model_len=r.max_model_len, seed=cfg.pipeline.seed,
         kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-        max_num_seqs=r.max_concurrent_episodes,
-        extra={"latency_model": r.latency_model.model_dump()} if engine_kind == "simulated" else {},
+        max_num_seqs=r.max_concurrent_episodes, extra=extra,
     )
 
 

@@ -301,12 +301,13 @@ class Trainer:
 
         return weight_plan(self.engine.module.model, dtype, bucket_bytes, self.tied)
 
-    def send_weights(self, plan, group) -> int:
-        """Stream the policy to the rollout engines, bucket by bucket; a collective under ZeRO-3."""
+    def send_weights(self, plan, transport) -> int:
+        """Stream the policy to the rollout engines, bucket by bucket; a collective under ZeRO-3.
+        `transport` (rollout/weight_transport.py) is rank 0's open group; None on the other ranks."""
         from learner.weight_stream import send_weights
 
         return send_weights(
-            self.engine.module.model, plan, group, zero3=self.cfg.zero_stage == 3, is_sender=self.dist.rank == 0
+            self.engine.module.model, plan, transport, zero3=self.cfg.zero_stage == 3, is_sender=self.dist.rank == 0
         )
 
     def save_checkpoint(self, directory: Path, tag: str) -> None:

@@ -2,8 +2,9 @@
 
 Under ZeRO-3 each rank holds a shard of every parameter; gathering one bucket at a time (a
 collective every rank joins) and freeing it after the send means no process ever holds the whole
-state dict. Rank 0 casts the bucket into the rollout dtype while packing it into one flat buffer
-and broadcasts that buffer to every rollout engine at once (rollout/weight_wire.py).
+state dict. Rank 0 hands each gathered bucket to the weight transport (rollout/weight_transport.py),
+which casts it into the rollout dtype, packs it into one flat buffer and broadcasts that buffer to
+every rollout engine at once: gloo (rollout/weight_wire.py) or vLLM's NCCL producer.
 
 The names are the checkpoint's (HF) names; vLLM's loader maps them onto its stacked parameters
 (qkv, gate_up) as it does for a checkpoint. A tied model also sends `lm_head.weight` (the
@@ -17,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from rollout.weight_wire import UpdatePlan, plan_buckets, send_bucket, send_buffer
+from rollout.weight_wire import UpdatePlan, plan_buckets
 
 TIED_HEAD = "lm_head.weight"
 TIED_FROM = "model.embed_tokens.weight"
@@ -61,12 +62,14 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def send_weights(model: torch.nn.Module, plan: UpdatePlan, group, *, zero3: bool, is_sender: bool) -> int:
-    """Stream one version: gather, cast+pack, broadcast, free, bucket by bucket. Returns bytes sent."""
+def send_weights(model: torch.nn.Module, plan: UpdatePlan, transport, *, zero3: bool, is_sender: bool) -> int:
+    """Stream one version: gather, cast+pack, broadcast, free, bucket by bucket. Returns bytes sent.
+
+    `transport` is rank 0's open weight group (rollout/weight_transport.py); unused on other ranks."""
     sent = 0
-    scratch = send_buffer(plan) if is_sender else None
+    send = transport.sender(plan) if is_sender else None
     for bucket, tensors in zip(plan.buckets(), gathered_buckets(model, plan, zero3)):
         if is_sender:
-            send_bucket(group, bucket, tensors, scratch)
+            send(bucket, tensors)
             sent += sum(t.numel() * dtype.itemsize for t, (_, dtype, _) in zip(tensors, bucket))
     return sent

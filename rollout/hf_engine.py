@@ -144,13 +144,15 @@ class HFEngine:
             self._group.shutdown()
         self._group = await asyncio.to_thread(join_group, GroupAddress(**init_info))
 
-    async def receive_weights(self, plan: dict, version: int) -> None:
-        """The gloo transport's receive side, applied between generation batches (under the lock)."""
+    async def receive_weights(self, updates: list[dict], version: int) -> None:
+        """The gloo transport's receive side, applied between generation batches (under the lock).
+        `updates`: the gloo transport's payloads, each a whole UpdatePlan (rollout/weight_transport.py)."""
         from rollout.weight_wire import UpdatePlan, receive
 
         def load():
-            for bucket in receive(self._group, UpdatePlan(**plan)):
-                self.model.load_state_dict(dict(bucket), strict=False)
+            for plan in updates:
+                for bucket in receive(self._group, UpdatePlan(**plan)):
+                    self.model.load_state_dict(dict(bucket), strict=False)
 
         async with self._lock:
             await asyncio.to_thread(load)

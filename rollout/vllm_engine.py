@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from rollout.engine import EngineSpec, Generation, SamplingConfig
@@ -64,6 +65,9 @@ class VLLMEngine:
             **extra,
         )
         self._llm = AsyncLLM.from_engine_args(args)
+        parallel = self._llm.vllm_config.parallel_config
+        # Its ranks in a weight group (weights.transport nccl gives each vLLM worker its own).
+        self.weight_ranks = parallel.world_size_across_dp
         self.version = 0
         self._weights_lock = asyncio.Lock()
         self._paused = False
@@ -111,10 +115,16 @@ class VLLMEngine:
         """Join (or re-join) the group weights are broadcast in; blocks until every member has joined."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
+        # A re-formed group replaces the old one, which vLLM's nccl engine would otherwise keep open.
+        with contextlib.suppress(Exception):  # a group whose peers died may not close cleanly
+            await self._llm.shutdown_weight_transfer_engine()
         await self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
-    async def receive_weights(self, plan: dict, version: int) -> None:
+    async def receive_weights(self, updates: list[dict], version: int) -> None:
         """Take one version through vLLM's weight-transfer protocol, atomically between decode steps.
+
+        `updates` are the transport's update_weights payloads for the version, in order
+        (rollout/weight_transport.py: the whole plan for gloo, one per bucket for nccl).
 
         Generation stays paused until a version has arrived whole: if the transfer fails (a peer
         died), nothing is generated under half-loaded weights; the retry, or the worker's recovery,
@@ -128,7 +138,8 @@ class VLLMEngine:
                 await self._llm.pause_generation(mode="keep", clear_cache=False)
                 self._paused = True
             await self._llm.start_weight_update()
-            await self._llm.update_weights(WeightTransferUpdateRequest(update_info=plan))
+            for update in updates:
+                await self._llm.update_weights(WeightTransferUpdateRequest(update_info=update))
             await self._llm.finish_weight_update(weight_version=str(version))
             # Preempting running requests makes them recompute their KV under the new weights.
             await self._llm.reset_prefix_cache(reset_running_requests=True)

@@ -17,7 +17,8 @@ import pytest
 from learner.batch import MiniBatch, TrainSample, plan_step
 from rollout.engine import EngineSpec, SamplingConfig
 from rollout.engine_factory import vllm_available
-from rollout.weight_wire import BACKEND, GroupAddress, join_group, open_store
+from rollout.weight_transport import GlooTransport
+from rollout.weight_wire import BACKEND
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 
@@ -144,9 +145,6 @@ def test_step_lowers_loss_then_pushed_weights_match(engine, trainer, loop, token
 def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, trainer, loop, tokenizer):
     """Learner buckets (small, so q/k/v and gate/up of one layer arrive in different buckets)
     broadcast over gloo into vLLM's engine process: afterwards the logprobs agree again."""
-    import asyncio
-    from dataclasses import asdict
-
     samples = _generate(engine, loop, tokenizer, seed=300)
     for s in samples:
         s.advantage = -1.0
@@ -154,19 +152,19 @@ def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, train
         trainer.train_step(plan_step(samples, 1, 1, seed=10 + step)[0])
     assert _max_gap(trainer, samples) > 1e-2
 
-    store = open_store("127.0.0.1", 120)
-    address = GroupAddress("127.0.0.1", store.port, 0, 2, 120)
+    transport = GlooTransport(64 << 10)
+    address = transport.open("127.0.0.1", 2, 120)
     plan = trainer.weight_plan("float32", 64 << 10)
     assert len(plan.bucket_sizes) > 3 and "lm_head.weight" in plan.names
 
     async def push():
-        group, _ = await asyncio.gather(
-            asyncio.to_thread(join_group, address, store), engine.join_weight_group(address.for_rank(1))
-        )
+        (join_info,) = transport.init_infos(address, [1])
+        await asyncio.gather(asyncio.to_thread(transport.join), engine.join_weight_group(join_info))
         sent, _ = await asyncio.gather(
-            asyncio.to_thread(trainer.send_weights, plan, group), engine.receive_weights(asdict(plan), 7)
+            asyncio.to_thread(trainer.send_weights, plan, transport),
+            engine.receive_weights(transport.update_infos(plan), 7),
         )
-        group.shutdown()
+        transport.close()
         return sent
 
     assert loop.run_until_complete(push()) > 0
