@@ -45,6 +45,9 @@ class WarmStartConfig(Section):
     lr: float = Field(1e-4, gt=0)
     hops: list[int] = Field(default_factory=lambda: [1], description="question hops used for demonstrations")
     seed: int = 1234
+    autocast_bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast for the warm start (CPU); auto: only where the CPU does bf16 natively"
+    )
 
 
 class TinyModelConfig(Section):

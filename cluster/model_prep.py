@@ -57,7 +57,9 @@ def warm_start_key(cfg: RunConfig, bf16: bool) -> dict:
     """
     world = cfg.data.demo
     key = {
-        "warm_start": cfg.model.warm_start.model_dump(),
+        # The setting is not keyed, the precision it resolves to is (below): "auto" and an explicit
+        # choice of the same precision build the same weights.
+        "warm_start": cfg.model.warm_start.model_dump(exclude={"autocast_bf16"}),
         "seed": cfg.data.seed,
         "countries": world.countries,
         "heldout_fraction": world.heldout_fraction,
@@ -96,7 +98,7 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
     if m.warm_start.steps == 0:
         return base
     # The warm start runs on this machine's CPU whatever the learner later uses.
-    precision = detect_precision("auto", "cpu")
+    precision = detect_precision(m.warm_start.autocast_bf16, "cpu")
     key = warm_start_key(cfg, precision.bf16)
     out = cache / f"{base.name}-warm-{_key(key)}"
     with _locked(cache, out.name):

@@ -81,3 +81,13 @@ def test_warm_start_cache_key_separates_precisions_and_keeps_bf16_builds():
     assert _key(bf16) != _key(fp32)
     # Caches built before the choice existed were bf16 builds: their key has no precision field.
     assert "precision" not in bf16 and fp32["precision"] == "fp32"
+
+
+def test_warm_start_setting_is_not_keyed_only_the_precision_it_resolves_to():
+    auto, forced = load_config(None), load_config(None, ["model.warm_start.autocast_bf16=false"])
+    assert forced.model.warm_start.autocast_bf16 is False
+    # The same precision builds the same weights, whichever setting chose it (existing caches stay valid).
+    assert _key(warm_start_key(auto, False)) == _key(warm_start_key(forced, False))
+    assert _key(warm_start_key(auto, True)) == _key(warm_start_key(forced, True))
+    with pytest.raises(ConfigError, match="autocast_bf16"):
+        load_config(None, ["model.warm_start.autocast_bf16=maybe"])
