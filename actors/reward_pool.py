@@ -9,7 +9,7 @@ is dropped and counted, so every trajectory gets exactly one reward.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import copy
 from collections import Counter, deque
 
 import ray
@@ -22,7 +22,11 @@ from rollout.types import Question, Trajectory, describe_error
 
 def slim(traj: Trajectory) -> Trajectory:
     """What the judge needs: answer, format, tool calls; not the token arrays."""
-    return dataclasses.replace(traj, token_ids=[], loss_mask=[], behaviour_logprobs=[])
+    # A shallow copy, not dataclasses.replace (which re-runs __init__ over every field): the judge
+    # only reads, and the controller slims every episode.
+    out = copy.copy(traj)
+    out.token_ids, out.loss_mask, out.behaviour_logprobs = [], [], []
+    return out
 
 
 @ray.remote

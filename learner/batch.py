@@ -16,10 +16,11 @@ import numpy as np
 
 @dataclass
 class TrainSample:
-    token_ids: list[int]
-    loss_mask: list[int]
+    # Lists, or numpy arrays (int32, uint8, float32) as trajectories come from the group stream.
+    token_ids: list[int] | np.ndarray
+    loss_mask: list[int] | np.ndarray
     # None: no usable behaviour policy (a replayed sample treated as on-policy).
-    behaviour_logprobs: list[float] | None
+    behaviour_logprobs: list[float] | np.ndarray | None
     advantage: float
     question_id: str = ""
     replayed: bool = False
@@ -28,7 +29,8 @@ class TrainSample:
     @property
     def loss_tokens(self) -> int:
         # The first token is never predicted, so its mask does not count.
-        return int(sum(self.loss_mask[1:]))
+        # count_nonzero, not sum: a packed (uint8) mask would wrap at 256.
+        return int(np.count_nonzero(np.asarray(self.loss_mask[1:])))
 
 
 @dataclass

@@ -9,7 +9,7 @@ token (0 where the mask is 0).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -121,10 +121,10 @@ class Trajectory:
         return self
 
     def to_wire(self) -> dict[str, bytes]:
-        # asdict of a copy without the arrays: asdict deep-copies every field it meets.
-        meta = asdict(replace(self, token_ids=[], loss_mask=[], behaviour_logprobs=[]))
-        for key in ("token_ids", "loss_mask", "behaviour_logprobs"):
-            meta.pop(key)
+        # The meta JSON is what dataclasses.asdict would give, built by hand: asdict deep-copies every
+        # field it meets (the tool calls' arguments too), the controller's largest cost per group.
+        meta = {name: getattr(self, name) for name in _META_FIELDS}
+        meta["tool_calls"] = [{name: getattr(c, name) for name in _TOOL_CALL_FIELDS} for c in self.tool_calls]
         return {
             "meta": json.dumps(meta, separators=(",", ":")).encode(),
             "ids": np.asarray(self.token_ids, dtype=np.int32).tobytes(),
@@ -137,9 +137,16 @@ class Trajectory:
         get = lambda k: fields[k] if k in fields else fields[k.encode()]  # noqa: E731
         meta = json.loads(get("meta"))
         meta["tool_calls"] = [ToolCall(**c) for c in meta["tool_calls"]]
+        # Packed, as a rollout worker returns them: numpy arrays over the entry's bytes (read-only, no
+        # per-token Python objects), which go on to the learner as they are.
         return cls(
-            token_ids=np.frombuffer(get("ids"), dtype=np.int32).tolist(),
-            loss_mask=np.frombuffer(get("mask"), dtype=np.uint8).tolist(),
-            behaviour_logprobs=np.frombuffer(get("logp"), dtype=np.float32).tolist(),
+            token_ids=np.frombuffer(get("ids"), dtype=np.int32),
+            loss_mask=np.frombuffer(get("mask"), dtype=np.uint8),
+            behaviour_logprobs=np.frombuffer(get("logp"), dtype=np.float32),
             **meta,
         )
+
+
+_ARRAY_FIELDS = ("token_ids", "loss_mask", "behaviour_logprobs")
+_META_FIELDS = tuple(f.name for f in fields(Trajectory) if f.name not in _ARRAY_FIELDS)
+_TOOL_CALL_FIELDS = tuple(f.name for f in fields(ToolCall))

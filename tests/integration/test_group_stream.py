@@ -52,8 +52,10 @@ def test_round_trip_keeps_every_field(redis_server):
     sent, got = _run(go())
     assert got.question_id == sent.question_id
     for a, b in zip(sent.members, got.members):
-        assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask
-        assert a.behaviour_logprobs == b.behaviour_logprobs  # float32-exact values chosen
+        # Decoded packed (numpy arrays of the wire types), as the learner takes them.
+        assert (b.token_ids.dtype, b.loss_mask.dtype, b.behaviour_logprobs.dtype) == (np.int32, np.uint8, np.float32)
+        assert b.token_ids.tolist() == a.token_ids and b.loss_mask.tolist() == a.loss_mask
+        assert b.behaviour_logprobs.tolist() == a.behaviour_logprobs  # float32-exact values chosen
         assert (a.reward, a.correct, a.answer, a.policy_version_start) == (
             b.reward,
             b.correct,
@@ -123,5 +125,6 @@ def test_packed_trajectories_publish_the_same_entries(redis_server):
     from_plain, from_packed = _run(go())
     assert plain.to_wire() == packed.to_wire()
     for a, b in zip(from_plain.members, from_packed.members):
-        assert a.token_ids == b.token_ids == plain.token_ids and a.loss_mask == b.loss_mask == plain.loss_mask
-        assert a.behaviour_logprobs == b.behaviour_logprobs == plain.behaviour_logprobs
+        assert a.token_ids.tolist() == b.token_ids.tolist() == plain.token_ids
+        assert a.loss_mask.tolist() == b.loss_mask.tolist() == plain.loss_mask
+        assert a.behaviour_logprobs.tolist() == b.behaviour_logprobs.tolist() == plain.behaviour_logprobs
