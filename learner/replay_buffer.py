@@ -3,7 +3,9 @@
 One hash per question holds the trajectory (token ids, masks, behaviour logprobs, reward,
 policy version); a sorted set orders questions by last store so the buffer stays within
 ``max_entries`` by evicting the least recently refreshed. A store and its eviction run as
-one Lua script, so concurrent writers never leave an index without its item or the reverse.
+one Lua script, so concurrent writers never leave an index without its item or the reverse; the
+buffer's counters (stores, evictions, lookups, hits) are kept by the same scripts, in the same
+round trip.
 Redis' AOF makes the buffer survive a Redis or learner restart.
 """
 
@@ -27,7 +29,23 @@ if extra > 0 then
     evicted = evicted + 1
   end
 end
+redis.call('HINCRBY', KEYS[4], 'stores', 1)
+if evicted > 0 then redis.call('HINCRBY', KEYS[4], 'evicted', evicted) end
 return evicted
+"""
+
+# The items of KEYS (flat field/value lists, empty where absent); the lookups and hits are counted in the same call.
+# KEYS: the stats hash, then the items.
+_GET = """
+local out, hits = {}, 0
+for i = 2, #KEYS do
+  local item = redis.call('HGETALL', KEYS[i])
+  if #item > 0 then hits = hits + 1 end
+  out[i - 1] = item
+end
+redis.call('HINCRBY', KEYS[1], 'lookups', #KEYS - 1)
+redis.call('HINCRBY', KEYS[1], 'hits', hits)
+return out
 """
 
 
@@ -52,6 +70,7 @@ class ReplayBuffer:
         self.threshold = threshold
         self.max_entries = max_entries
         self._put = redis.register_script(_PUT)
+        self._get = redis.register_script(_GET)
 
     def _item(self, question_id: str) -> str:
         return f"{self.prefix}:item:{question_id}"
@@ -66,30 +85,17 @@ class ReplayBuffer:
         fields: list[bytes] = []
         for key, value in traj.to_wire().items():
             fields += [key.encode(), value]
-        evicted = await self._put(
-            keys=[self._item(traj.question_id), f"{self.prefix}:lru", f"{self.prefix}:seq"],
+        await self._put(
+            keys=[self._item(traj.question_id), f"{self.prefix}:lru", f"{self.prefix}:seq", f"{self.prefix}:stats"],
             args=[traj.question_id, self.max_entries, f"{self.prefix}:item:", *fields],
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(f"{self.prefix}:stats", "stores", 1)
-            if evicted:
-                pipe.hincrby(f"{self.prefix}:stats", "evicted", int(evicted))
-            await pipe.execute()
         return True
 
     async def get_many(self, question_ids: list[str]) -> list[Trajectory | None]:
         if not question_ids:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for q in question_ids:
-                pipe.hgetall(self._item(q))
-            replies = await pipe.execute()
-        found = [Trajectory.from_wire(r) if r else None for r in replies]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(f"{self.prefix}:stats", "lookups", len(question_ids))
-            pipe.hincrby(f"{self.prefix}:stats", "hits", sum(f is not None for f in found))
-            await pipe.execute()
-        return found
+        replies = await self._get(keys=[f"{self.prefix}:stats", *(self._item(q) for q in question_ids)])
+        return [Trajectory.from_wire(dict(zip(r[::2], r[1::2]))) if r else None for r in replies]
 
     async def count_injected(self, n: int) -> None:
         if n:
