@@ -7,6 +7,10 @@ that dies mid-step leaves its entries pending, to be claimed again.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+
 from learner.groups import ScoredGroup
 from rollout.types import Trajectory
 
@@ -14,27 +18,53 @@ CONSUMER_GROUP = "learner"
 
 
 def encode_group(group: ScoredGroup) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {
+    """A stream entry: the group's fields, its members' metadata as one JSON array, and each of the three
+    token arrays of all members concatenated (per-member lengths in ``lens``): 11 fields whatever the
+    group's size. (Four fields per member made every XADD and XREADGROUP carry 4n more values, whose
+    packing and parsing were a large part of the controller's work per group.)"""
+    wires = [member.to_wire() for member in group.members]
+    lens = [(len(w["ids"]) // 4, len(w["mask"]), len(w["logp"]) // 4) for w in wires]
+    return {
         b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode(),
         b"gid": group.group_id.encode(), b"epoch": str(group.epoch).encode(),
         b"generate_s": repr(group.generate_s).encode(), b"reward_s": repr(group.reward_s).encode(),
+        b"metas": b"[" + b",".join(w["meta"] for w in wires) + b"]",
+        b"lens": np.array(lens, dtype=np.int64).tobytes(),
+        b"ids": b"".join(w["ids"] for w in wires),
+        b"mask": b"".join(w["mask"] for w in wires),
+        b"logp": b"".join(w["logp"] for w in wires),
     }
-    for i, member in enumerate(group.members):
-        for key, value in member.to_wire().items():
-            fields[f"{i}:{key}".encode()] = value
-    return fields
 
 
 def decode_group(fields: dict[bytes, bytes]) -> ScoredGroup:
     n = int(fields[b"n"])
-    members = []
-    for i in range(n):
-        prefix = f"{i}:".encode()
-        members.append(Trajectory.from_wire({k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}))
+    members = _members(fields, n) if b"metas" in fields else _members_per_field(fields, n)
     return ScoredGroup(
         fields[b"qid"].decode(), members, fields.get(b"gid", b"").decode(), int(fields.get(b"epoch", b"0")),
         generate_s=float(fields.get(b"generate_s", b"0")), reward_s=float(fields.get(b"reward_s", b"0")),
     )
+
+
+def _members(fields: dict[bytes, bytes], n: int) -> list[Trajectory]:
+    metas = json.loads(fields[b"metas"])
+    lens = np.frombuffer(fields[b"lens"], dtype=np.int64).reshape(n, 3)
+    ids, mask, logp = (memoryview(fields[k]) for k in (b"ids", b"mask", b"logp"))
+    ends = np.cumsum(lens, axis=0) * (4, 1, 4)  # byte offsets: int32, uint8, float32
+    starts = ends - lens * (4, 1, 4)
+    return [
+        Trajectory.from_parts(meta, ids[a[0] : b[0]], mask[a[1] : b[1]], logp[a[2] : b[2]])
+        for meta, a, b in zip(metas, starts.tolist(), ends.tolist())
+    ]
+
+
+def _members_per_field(fields: dict[bytes, bytes], n: int) -> list[Trajectory]:
+    """Entries written before the 11-field format (``{i}:meta``, ``{i}:ids``, ... per member), which a
+    run resumed across the change may still hold in its stream."""
+    members = []
+    for i in range(n):
+        prefix = f"{i}:".encode()
+        members.append(Trajectory.from_wire({k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}))
+    return members
 
 
 class GroupStream:

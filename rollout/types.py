@@ -135,14 +135,19 @@ class Trajectory:
     @classmethod
     def from_wire(cls, fields: dict[bytes | str, bytes]) -> Trajectory:
         get = lambda k: fields[k] if k in fields else fields[k.encode()]  # noqa: E731
-        meta = json.loads(get("meta"))
+        return cls.from_parts(json.loads(get("meta")), get("ids"), get("mask"), get("logp"))
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], ids, mask, logp) -> Trajectory:
+        """From a decoded meta object (as `to_wire` encodes it, consumed) and the three arrays' bytes
+        (or any buffer of the wire types)."""
         meta["tool_calls"] = [ToolCall(**c) for c in meta["tool_calls"]]
         # Packed, as a rollout worker returns them: numpy arrays over the entry's bytes (read-only, no
         # per-token Python objects), which go on to the learner as they are.
         return cls(
-            token_ids=np.frombuffer(get("ids"), dtype=np.int32),
-            loss_mask=np.frombuffer(get("mask"), dtype=np.uint8),
-            behaviour_logprobs=np.frombuffer(get("logp"), dtype=np.float32),
+            token_ids=np.frombuffer(ids, dtype=np.int32),
+            loss_mask=np.frombuffer(mask, dtype=np.uint8),
+            behaviour_logprobs=np.frombuffer(logp, dtype=np.float32),
             **meta,
         )
 

@@ -1,4 +1,4 @@
-"""The trajectory wire format (Redis stream entries, replay items): a round trip keeps every field, the
+"""The trajectory and group wire formats (Redis stream entries, replay items): a round trip keeps every field, the
 encoding is byte for byte the one entries already stored were written in, and decoded arrays train right."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learner.batch import TrainSample
+from learner.group_stream import decode_group, encode_group
+from learner.groups import ScoredGroup
 from rollout.types import ToolCall, Trajectory
 
 _text = st.text(max_size=12)
@@ -82,3 +84,38 @@ def test_loss_tokens_of_a_decoded_mask_do_not_wrap(prompt: int, generated: int):
     expected = generated - (1 if prompt == 0 and generated > 0 else 0)  # the first token is never predicted
     plain = TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, 1.0)
     assert sample.loss_tokens == plain.loss_tokens == expected
+
+
+def _legacy_entry(group: ScoredGroup) -> dict[bytes, bytes]:
+    """A stream entry as first written (one field per member and array), which a resumed run may still read."""
+    fields = {b"qid": group.question_id.encode(), b"n": str(len(group.members)).encode(),
+              b"gid": group.group_id.encode(), b"epoch": str(group.epoch).encode(),
+              b"generate_s": repr(group.generate_s).encode(), b"reward_s": repr(group.reward_s).encode()}
+    for i, member in enumerate(group.members):
+        for key, value in member.to_wire().items():
+            fields[f"{i}:{key}".encode()] = value
+    return fields
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(trajectories(), max_size=5), _text, st.integers(0, 50), st.floats(0, 1e4), st.floats(0, 1e4))
+def test_a_group_entry_round_trips_in_the_new_and_the_first_format(members, gid, epoch, gen_s, rew_s):
+    group = ScoredGroup("q", members, gid, epoch, generate_s=gen_s, reward_s=rew_s)
+    entry = encode_group(group)
+    assert len(entry) == 11  # not one field per member
+    for got in (decode_group(entry), decode_group(_legacy_entry(group))):
+        assert (got.question_id, got.group_id, got.epoch, got.generate_s, got.reward_s) == ("q", gid, epoch, gen_s,
+                                                                                          rew_s)
+        assert [m.to_wire() for m in got.members] == [m.to_wire() for m in members]
+        for a, b in zip(got.members, members):
+            assert a.token_ids.tolist() == b.token_ids and a.loss_mask.tolist() == b.loss_mask
+            assert a.behaviour_logprobs.tolist() == b.behaviour_logprobs
+    assert encode_group(decode_group(entry)) == entry  # re-encodes to the same entry
+
+
+def test_members_arrays_of_unequal_lengths_keep_their_own_lengths():
+    odd = Trajectory("q", 0, [1, 2, 3], [1], [-0.5, -0.25], 0)  # invalid, but carried as it is
+    got = decode_group(encode_group(ScoredGroup("q", [odd, Trajectory("q", 1, [9], [1], [-1.0], 0)])))
+    assert [m.token_ids.tolist() for m in got.members] == [[1, 2, 3], [9]]
+    assert [m.loss_mask.tolist() for m in got.members] == [[1], [1]]
+    assert [m.behaviour_logprobs.tolist() for m in got.members] == [[-0.5, -0.25], [-1.0]]
