@@ -26,6 +26,7 @@ import shutil
 import time
 import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -342,8 +343,7 @@ class Controller:
                 raise GroupFailed(
                     f"all {len(failed)} episodes of question {group.question_id} failed: {failed[0].error}"
                 )
-            await self._assemble(scored)
-            await self.stream.publish(scored)
+            await self._assemble_and_publish(scored)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -395,16 +395,18 @@ class Controller:
             generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
         )
 
-    async def _assemble(self, group: ScoredGroup) -> None:
-        """RAPO bookkeeping on a scored group before it goes to the learner.
+    async def _assemble_and_publish(self, group: ScoredGroup) -> None:
+        """RAPO bookkeeping on a scored group, then the group onto the stream for the learner.
 
         Pruning counts use the fresh rollouts; replay stores this group's newest success and,
-        if every member failed, injects the question's stored success into the group.
+        if every member failed, injects the question's stored success into the group. The replay
+        store and counter go in the publish transaction: one round trip for the group and its replay.
         """
         if self.use_pruning:
             await self._record_pruning(group)
-        if self.use_replay:
-            await self._replay(group)
+        along, injected = await self._replay(group) if self.use_replay else ([], 0)
+        await self.stream.publish(group, along)
+        self.state.replay_injections += injected
 
     async def _record_pruning(self, group: ScoredGroup) -> None:
         """Counts once per draw: a re-run (staleness drop) or a retry (a failure after this) adds nothing."""
@@ -421,17 +423,19 @@ class Controller:
             self.scheduler.prune(newly)
             ledger.closed(epoch)
 
-    async def _replay(self, group: ScoredGroup) -> None:
+    async def _replay(self, group: ScoredGroup) -> tuple[list[Callable[[Any], object]], int]:
+        """Injects a stored success into an all-fail group; returns what to queue on the group's publish
+        transaction (the newest fresh success stored, the injection counted) and the injections."""
         fresh = [m for m in group.members if self.replay.eligible(m)]
         stored = [None]
         if group.all_failed:
             stored = await self.replay.get_many([group.question_id])
         rng = np.random.default_rng([self.cfg.pipeline.seed, zlib.crc32(group.group_id.encode()), 7])
         injected = sum(i is not None for i in inject_replays([group], stored, rng))
-        self.state.replay_injections += injected
-        await self.replay.count_injected(injected)
+        along = [lambda pipe: self.replay.count_injected_in(pipe, injected)] if injected else []
         if fresh:
-            await self.replay.put(fresh[-1])
+            along.append(lambda pipe: self.replay.put_in(pipe, fresh[-1]))
+        return along, injected
 
     # ---- trainer -------------------------------------------------------------------------------
     async def _trainer(self) -> None:

@@ -8,6 +8,8 @@ that dies mid-step leaves its entries pending, to be claimed again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,14 +85,19 @@ class GroupStream:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    async def publish(self, group: ScoredGroup) -> str:
-        """Append the group; its id joins the published set in the same transaction."""
+    async def publish(self, group: ScoredGroup, along: Sequence[Callable[[Any], object]] = ()) -> str:
+        """Append the group; its id joins the published set in the same transaction (MULTI/EXEC), and so
+        do the commands each of ``along`` queues on the pipeline it is given (the group's RAPO bookkeeping):
+        one round trip for all of it, run together with nothing else in between."""
         async with self.redis.pipeline(transaction=True) as pipe:
+            for queue in along:
+                queue(pipe)
+            at = len(pipe)
             pipe.xadd(self.key, encode_group(group))
             if group.group_id:
                 pipe.sadd(self.published_key, group.group_id)
-            entry, *_ = await pipe.execute()
-        return _id(entry)
+            replies = await pipe.execute()
+        return _id(replies[at])
 
     async def was_published(self, group_ids: list[str]) -> list[bool]:
         if not group_ids:

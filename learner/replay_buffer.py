@@ -82,14 +82,25 @@ class ReplayBuffer:
     async def put(self, traj: Trajectory) -> bool:
         if not self.eligible(traj):
             return False
+        keys, args = self._put_call(traj)
+        await self._put(keys=keys, args=args)
+        return True
+
+    def put_in(self, pipe, traj: Trajectory) -> bool:
+        """`put`, queued on the caller's pipeline (the group stream's publish transaction): no round trip
+        of its own. EVAL, not EVALSHA: a pipeline cannot load a missing script half way."""
+        if not self.eligible(traj):
+            return False
+        keys, args = self._put_call(traj)
+        pipe.eval(_PUT, len(keys), *keys, *args)
+        return True
+
+    def _put_call(self, traj: Trajectory) -> tuple[list, list]:
         fields: list[bytes] = []
         for key, value in traj.to_wire().items():
             fields += [key.encode(), value]
-        await self._put(
-            keys=[self._item(traj.question_id), f"{self.prefix}:lru", f"{self.prefix}:seq", f"{self.prefix}:stats"],
-            args=[traj.question_id, self.max_entries, f"{self.prefix}:item:", *fields],
-        )
-        return True
+        keys = [self._item(traj.question_id), f"{self.prefix}:lru", f"{self.prefix}:seq", f"{self.prefix}:stats"]
+        return keys, [traj.question_id, self.max_entries, f"{self.prefix}:item:", *fields]
 
     async def get_many(self, question_ids: list[str]) -> list[Trajectory | None]:
         if not question_ids:
@@ -100,6 +111,11 @@ class ReplayBuffer:
     async def count_injected(self, n: int) -> None:
         if n:
             await self.redis.hincrby(f"{self.prefix}:stats", "injected", n)
+
+    def count_injected_in(self, pipe, n: int) -> None:
+        """`count_injected`, queued on the caller's pipeline."""
+        if n:
+            pipe.hincrby(f"{self.prefix}:stats", "injected", n)
 
     async def stats(self) -> ReplayStats:
         raw = await self.redis.hgetall(f"{self.prefix}:stats")

@@ -128,3 +128,30 @@ def test_packed_trajectories_publish_the_same_entries(redis_server):
         assert a.token_ids.tolist() == b.token_ids.tolist() == plain.token_ids
         assert a.loss_mask.tolist() == b.loss_mask.tolist() == plain.loss_mask
         assert a.behaviour_logprobs.tolist() == b.behaviour_logprobs.tolist() == plain.behaviour_logprobs
+
+
+def test_commands_queued_along_a_publish_run_in_its_transaction(redis_server):
+    """The controller's replay store rides in the group's publish transaction: one round trip for both,
+    the same store and counters as a put of its own, and the entry id of the XADD comes back."""
+    from learner.replay_buffer import ReplayBuffer
+
+    async def go():
+        r = async_client(redis_server.url, redis_server.password)
+        ns = f"t-{uuid.uuid4().hex}"
+        stream, replay = GroupStream(r, ns), ReplayBuffer(r, ns, threshold=0.5)
+        await stream.ensure()
+        group = _group("q1")
+        along = [lambda pipe: replay.put_in(pipe, group.members[0]), lambda pipe: replay.put_in(pipe, group.members[1]),
+                 lambda pipe: replay.count_injected_in(pipe, 2), lambda pipe: replay.count_injected_in(pipe, 0)]
+        eid = await stream.publish(ScoredGroup("q1", group.members, "g7"), along)
+        ((got_id, got),) = await stream.read(10, block_ms=100)
+        stored, stats = await replay.get_many(["q1"]), await replay.stats()
+        published = await stream.was_published(["g7"])
+        await r.aclose()
+        return eid, got_id, got, stored, stats, published
+
+    eid, got_id, got, stored, stats, published = _run(go())
+    assert eid == got_id and got.group_id == "g7" and published == [True]
+    (item,) = stored  # only the correct member (index 0) is eligible
+    assert item.sample_index == 0 and item.token_ids.tolist() == [1, 2, 3]
+    assert (stats.stored, stats.stores, stats.injected, stats.lookups, stats.hits) == (1, 1, 2, 1, 1)
