@@ -238,6 +238,12 @@ async def measure(args, actor, pid: int, redis_srv, ns: str) -> dict:
                 break
             await asyncio.sleep(0.2)
         await run
+        if first is not None and last is None:
+            # The last step ended between two samples (a fast control plane): the run is over, so this
+            # sample is its end; the window only grows, so the rates stay conservative.
+            last = await sample(actor, redis, published_key, pid)
+            if last["progress"]["step"] < args.warmup_steps + args.steps:
+                last = None
     finally:
         await redis.aclose()
     if first is None or last is None:
