@@ -55,6 +55,8 @@ class LearnerWorker:
             "gpu": self.trainer.gpu,
             "precision": precision.name if precision else "simulated",
             "precision_reason": precision.reason if precision else "",
+            "packed": getattr(self.trainer, "packed", None),
+            "attention": getattr(self.trainer, "attention", None),
         }
 
     def train_step(self, plan: RankPlan) -> dict:

@@ -256,8 +256,11 @@ class LearnerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward on one rank")
-    packing: bool = Field(
-        True, description="a micro-batch's sequences in one row, attention kept per sequence (false: pad each row)"
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="a micro-batch's sequences in one row, attention kept per sequence (false: pad each row); "
+        "auto: packed where attention runs variable-length (flash-attention on a GPU), padded elsewhere: on CPU "
+        "the packed row's block-diagonal mask costs more than the padding it saves (bench/learner_throughput.py)",
     )
     max_tokens_per_micro_batch: int | None = Field(
         None,

@@ -91,3 +91,17 @@ def test_warm_start_setting_is_not_keyed_only_the_precision_it_resolves_to():
     assert _key(warm_start_key(auto, True)) == _key(warm_start_key(forced, True))
     with pytest.raises(ConfigError, match="autocast_bf16"):
         load_config(None, ["model.warm_start.autocast_bf16=maybe"])
+
+
+def test_packing_auto_packs_only_where_attention_is_variable_length():
+    from learner.trainer import attention_implementation, packing_for
+
+    assert load_config(None).learner.packing == "auto"
+    # CPU (sdpa's dense block-diagonal mask): padded; a GPU with flash-attention: packed.
+    assert packing_for("auto", attention_implementation("auto", gpu=False)) is False
+    assert packing_for("auto", "flash_attention_2") is True
+    # An explicit choice wins either way (the e2e tests run packed on CPU through smoke.yaml).
+    assert packing_for(True, "sdpa") is True and packing_for(False, "flash_attention_2") is False
+    assert load_config("deploy/configs/smoke.yaml").learner.packing is True
+    with pytest.raises(ConfigError, match="packing"):
+        load_config(None, ["learner.packing=sometimes"])
