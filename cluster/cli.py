@@ -203,6 +203,9 @@ def cmd_run(args) -> int:
             first = info["learners"][0] if info.get("learners") else {}
             if first.get("precision"):
                 _log(f"learner precision: {first['precision']} ({first.get('precision_reason', '')})")
+            if first.get("packed") is not None:
+                _log(f"learner micro-batches: {'packed' if first['packed'] else 'padded'} "
+                     f"(attention {first.get('attention')})")
             try:
                 summary = follow_run(controller, cfg.pipeline.steps, console)
             except ray.exceptions.RayError as e:

@@ -195,8 +195,6 @@ class Controller:
             self.rewards.ready(), self.fleet.start(cfg.rollout.num_workers),
         )
         self.learner_info, self.worker_info = results[0], results[2]
-        log.info("learner micro-batches: %s (attention %s)",
-                 "packed" if self.learner_info[0].get("packed") else "padded", self.learner_info[0].get("attention"))
         log.info("learner precision: %s (%s)", self.learner_info[0].get("precision"),
                  self.learner_info[0].get("precision_reason"))
         if resumed_tag:
