@@ -61,6 +61,14 @@ def stop_ray_node(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
         time.sleep(0.2)
 
 
+def rapo_cli(*args: str, timeout: float = 300) -> str:
+    """A short `rapo` command (scale, status, stop) against a live run; its stdout, exit 0 asserted."""
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 class RapoProcess:
     """The CLI in its own process group, its output in a file (a pipe nobody reads would block it)."""
 

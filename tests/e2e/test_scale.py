@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.e2e.conftest import REPO
+from tests.e2e.conftest import rapo_cli
 from tests.e2e.test_fault_tolerance import _read, _wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -19,22 +16,15 @@ pytestmark = pytest.mark.slow
 STEPS = 400
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def _scale(n: int) -> dict:
-    return json.loads(_cli("scale", "--rollout-workers", str(n)).strip().splitlines()[-1])
+    return json.loads(rapo_cli("scale", "--rollout-workers", str(n)).strip().splitlines()[-1])
 
 
 def _wait_for_workers(names: list[str], timeout: float = 300) -> dict:
     """The live run's own view (`rapo status --json`) until its rollout workers are exactly `names`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        live = json.loads(_cli("status", "--json"))
+        live = json.loads(rapo_cli("status", "--json"))
         if [w["name"] for w in live["actors"]["rollout"]] == names:
             return live
         time.sleep(1)
@@ -56,10 +46,10 @@ def test_scale_up_and_down_while_training(rapo, tmp_path):
     names = sorted(a["name"] for a in _read(run / "actors.json")["rollout"])
     assert names == ["rollout-0", "rollout-1"]
     # `rapo status` shows both workers (--json: the controller's own status and actors).
-    live = json.loads(_cli("status", "--json"))
+    live = json.loads(rapo_cli("status", "--json"))
     assert [w["name"] for w in live["actors"]["rollout"]] == names and live["rollout_workers"] == 2
     assert live["step"] >= status["step"] and live["phase"]
-    table = _cli("status").splitlines()
+    table = rapo_cli("status").splitlines()
     assert all(any(name in ln and "ready" in ln for ln in table) for name in names), table
 
     down = _scale(1)
@@ -67,8 +57,13 @@ def test_scale_up_and_down_while_training(rapo, tmp_path):
     # The drained worker finishes its groups, then leaves; the run trains on without it.
     gone = _wait_for_workers(["rollout-0"])
     _wait_for_step(run, p, gone["step"] + 1)
-    _cli("stop")
+    rapo_cli("stop")
     assert p.wait(timeout=900) == 0, p.output[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "stopped" and gone["step"] < summary["steps"] < STEPS
     assert summary["lost_episodes"] == 0 and summary["rollout_workers"] == 1
+    history = json.loads((run / "history.json").read_text())["steps"]
+    assert max(h["pipeline/rollout_workers"] for h in history) == 2
+    # The learner kept stepping throughout: one version per step, no restart.
+    assert summary["weight_versions_published"] == summary["steps"] and summary["restarts"]["learner"] == 0
+    assert p.group_gone(timeout=60)

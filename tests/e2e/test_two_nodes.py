@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, stop_ray_node
+from tests.e2e.conftest import rapo_cli, stop_ray_node
 from tests.e2e.test_fault_tolerance import _read, _wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -78,16 +78,9 @@ def _wait_for_nodes(address: str, n: int, timeout: float = 300) -> None:
     raise AssertionError(f"{n} Ray nodes did not come up at {address}")
 
 
-def _cli(address: str, *args: str) -> str:
-    cmd = [sys.executable, "-m", "cluster.cli", *args, "--address", address]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def _scale(address: str, n: int) -> dict:
-    return json.loads(_cli(address, "scale", "--rollout-workers", str(n)).strip().splitlines()[-1])
+    out = rapo_cli("scale", "--rollout-workers", str(n), "--address", address, timeout=600)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_learner_and_rollout_on_two_nodes_with_a_scale_up(two_nodes, rapo, tmp_path):
@@ -103,7 +96,7 @@ def test_learner_and_rollout_on_two_nodes_with_a_scale_up(two_nodes, rapo, tmp_p
     assert up["versions"]["rollout-1"] == up["current_version"] >= 1
     # One more push through the group re-formed with both workers, then the run ends.
     _wait_for_step(run, p, up["current_version"] + 1)
-    _cli(two_nodes, "stop")
+    rapo_cli("stop", "--address", two_nodes)
     assert p.wait(timeout=900) == 0, p.output[-4000:]
 
     summary = json.loads((run / "summary.json").read_text())
