@@ -20,15 +20,19 @@ def _scale(n: int) -> dict:
     return json.loads(rapo_cli("scale", "--rollout-workers", str(n)).strip().splitlines()[-1])
 
 
-def _wait_for_workers(names: list[str], timeout: float = 300) -> dict:
-    """The live run's own view (`rapo status --json`) until its rollout workers are exactly `names`."""
+def _wait_for_workers(run, names: list[str], timeout: float = 300) -> dict:
+    """The live run's own view (`rapo status --json`) once its rollout workers are exactly `names`.
+
+    Waits on actors.json, which the controller rewrites every step: a `rapo status` a second is
+    a Python start and a Ray client each time, which took most of a core from the run it watched.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        live = json.loads(rapo_cli("status", "--json"))
-        if [w["name"] for w in live["actors"]["rollout"]] == names:
-            return live
+        seen = [w["name"] for w in _read(run / "actors.json").get("rollout", [])]
+        if seen == names:
+            return json.loads(rapo_cli("status", "--json"))
         time.sleep(1)
-    raise AssertionError(f"rollout workers never became {names}: {live['actors']['rollout']}")
+    raise AssertionError(f"rollout workers never became {names}: {seen}")
 
 
 def test_scale_up_and_down_while_training(rapo, tmp_path):
@@ -55,7 +59,8 @@ def test_scale_up_and_down_while_training(rapo, tmp_path):
     down = _scale(1)
     assert down["draining"] == ["rollout-1"]
     # The drained worker finishes its groups, then leaves; the run trains on without it.
-    gone = _wait_for_workers(["rollout-0"])
+    gone = _wait_for_workers(run, ["rollout-0"])
+    assert [w["name"] for w in gone["actors"]["rollout"]] == ["rollout-0"] and gone["rollout_workers"] == 1
     _wait_for_step(run, p, gone["step"] + 1)
     rapo_cli("stop")
     assert p.wait(timeout=900) == 0, p.output[-3000:]
