@@ -141,11 +141,15 @@ class AgentLoop:
                 finish = "answered"
                 break
             room = limits.max_tool_calls - len(calls)
-            results = await asyncio.gather(*(self.toolbox.call(p, turn - 1) for p in parsed[:room]))
-            calls.extend(results)
-            if len(calls) >= limits.max_tool_calls:
+            if room <= 0:
+                # The turn after the last allowed call may only answer: a call there is not run.
                 finish = "max_tool_calls"
                 break
+            results = await asyncio.gather(*(self.toolbox.call(p, turn - 1) for p in parsed[:room]))
+            calls.extend(results)
+            # At the budget the model still sees the results of its last calls and gets one turn to
+            # answer from them: ending here would waste that call and score an episode that
+            # searched below one that answered without searching (0 vs the format reward).
             observation = self.encode(tool_turn_pieces([r.result for r in results]))
             if len(ids) + len(observation) + limits.min_turn_tokens > limits.max_model_len:
                 finish = "context"

@@ -116,6 +116,16 @@ def test_tool_call_limit_ends_the_episode(tokenizer):
     assert not traj.format_ok
 
 
+def test_the_last_allowed_calls_results_are_seen_and_may_be_answered_from(tokenizer):
+    traj, _ = run_episode(
+        tokenizer, [SEARCH, SEARCH, ANSWER], limits=EpisodeLimits(max_tool_calls=2, max_model_len=4096)
+    )
+    assert traj.finish_reason == "answered" and traj.num_tool_calls == 2 and traj.num_turns == 3
+    assert traj.answer is not None and traj.format_ok
+    # The second call's results are in the context the answer was generated from.
+    assert tokenizer.decode(traj.token_ids[traj.prompt_length :]).count("<tool_response>") == 2
+
+
 def test_context_limit_ends_the_episode(tokenizer):
     traj, _ = run_episode(
         tokenizer, [SEARCH, READ, ANSWER], limits=EpisodeLimits(max_model_len=420, max_tokens_per_turn=64)
