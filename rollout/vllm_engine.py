@@ -46,14 +46,6 @@ class VLLMEngine:
             # as seeded episodes share a step's token budget. Whole prefills avoid that path.
             extra.setdefault("enable_chunked_prefill", False)
             extra.setdefault("max_num_batched_tokens", max(spec.max_model_len, 4096))
-            if extra.get("tensor_parallel_size", 1) == 1:
-                # One CPU worker runs inside the engine-core process instead of a third process
-                # of its own: a vLLM start imports vLLM twice instead of three times (24 s instead
-                # of 32 s on 2 cores, decode speed unchanged). vLLM's CPU platform accepts the
-                # in-process executor only with V1 multiprocessing off; AsyncLLM keeps its engine
-                # core in a separate process whatever that variable says.
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-                extra.setdefault("distributed_executor_backend", "uni")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
