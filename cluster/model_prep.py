@@ -68,7 +68,7 @@ def warm_start_key(cfg: RunConfig, bf16: bool) -> dict:
         "tiny": cfg.model.tiny.model_dump() if cfg.model.source == "tiny" else None,
         # Demonstrations embed the prompt: a new prompt needs a new warm start.
         "prompt": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12],
-        "version": 1,
+        "version": 2,
     }
     if not bf16:
         key["precision"] = "fp32"

@@ -16,7 +16,6 @@ import torch
 
 from learner.batch import TrainSample, collate
 from learner.logprobs import PolicyLogprobs
-from learner.loss import masked_mean
 
 
 @dataclass
@@ -36,10 +35,17 @@ def supervised_warm_start(
     seed: int,
     pad_id: int,
     chunk_size: int = 512,
+    micro_batch_size: int = 2,
     bf16: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> WarmStartResult:
     """Train ``model`` in place: token-mean cross-entropy on the loss-masked (assistant) tokens.
+
+    Each step's batch runs as micro-batches of similar length, their gradients summed, each term
+    divided by the whole batch's token count, so the step is the full batch's token mean. Without
+    activation checkpointing a micro-batch of 2 fits in a few GB; padding only to the longer of
+    two sorted neighbours. Both made a CPU step about a third cheaper than one checkpointed,
+    padded batch of 8.
 
     ``bf16`` autocasts the CPU forward/backward (learner.precision decides where that is native).
     """
@@ -47,7 +53,6 @@ def supervised_warm_start(
         raise ValueError("no demonstration episodes to warm-start on")
     t0 = time.perf_counter()
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     policy = PolicyLogprobs(model, chunk_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -59,19 +64,33 @@ def supervised_warm_start(
             fresh = list(range(len(episodes)))
             rng.shuffle(fresh)
             order += fresh
-        batch = collate([episodes[i] for i in order[:batch_size]], pad_id)
+        picked = sorted((episodes[i] for i in order[:batch_size]), key=lambda e: len(e.token_ids))
         order = order[batch_size:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logp, _ = policy(batch.input_ids, batch.attention_mask, batch.targets, batch.target_mask)
-        loss = -masked_mean(logp, batch.target_mask)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = batch_token_mean_backward(policy, picked, pad_id, micro_batch_size, bf16)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         if on_step:
             on_step(step + 1, losses[-1])
-    model.gradient_checkpointing_disable()
     model.eval()
     return WarmStartResult(steps, losses, time.perf_counter() - t0)
+
+
+def batch_token_mean_backward(
+    policy: PolicyLogprobs, samples: list[TrainSample], pad_id: int, micro_batch_size: int, bf16: bool = False
+) -> float:
+    """Backward of the batch's token-mean negative log-likelihood, micro-batch by micro-batch; its value."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    tokens = max(1, sum(sum(s.loss_mask[1:]) for s in samples))
+    total = 0.0
+    for start in range(0, len(samples), micro_batch_size):
+        batch = collate(samples[start : start + micro_batch_size], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logp, _ = policy(batch.input_ids, batch.attention_mask, batch.targets, batch.target_mask)
+        part = -torch.where(batch.target_mask, logp, torch.zeros_like(logp)).sum() / tokens
+        part.backward()
+        total += float(part.detach())
+    return total
 
