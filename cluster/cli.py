@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -104,9 +106,21 @@ def cmd_init_model(args) -> int:
     return 0
 
 
-def _prepare_in_child(cfg) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when its parent dies, even by SIGKILL (no orphaned warm start)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        raise SystemExit(1)
+
+
+def _prepare_in_child(cfg, parent: int) -> None:
     from cluster.model_prep import ensure_policy
 
+    _die_with_parent(parent)
     try:
         ensure_policy(cfg, log=_log)
     except Exception as e:  # noqa: BLE001 - the child's error boundary: a message, not a traceback
@@ -120,9 +134,18 @@ def prepare_policy(cfg) -> Path:
 
     from cluster.model_prep import ensure_policy
 
-    child = multiprocessing.get_context("spawn").Process(target=_prepare_in_child, args=(cfg,))
+    child = multiprocessing.get_context("spawn").Process(target=_prepare_in_child, args=(cfg, os.getpid()))
     child.start()
-    child.join()
+    try:
+        child.join()
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM): the warm start must not go on without us.
+        if child.is_alive():
+            child.terminate()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join()
     if child.exitcode != 0:
         raise SystemExit(f"preparing the policy model failed (exit code {child.exitcode})")
     return ensure_policy(cfg, log=_log)  # now cached: returns the folder at once
@@ -316,7 +339,12 @@ def cmd_scale(args) -> int:
             return 2
         args.rollout_workers = _load(args.config, args.overrides).rollout.num_workers
     controller = _connect(args.address, args.namespace)
-    result = ray.get(controller.scale.remote(args.rollout_workers))
+    try:
+        result = ray.get(controller.scale.remote(args.rollout_workers))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError):  # refused: a number below 1, or a run that is finishing
+            return user_error(e.cause)
+        raise
     print(json.dumps(result))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,28 @@ def test_ctrl_c_stops_ray_and_redis(rapo, tmp_path):
     p.proc.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130
     assert p.group_gone(timeout=60), "processes of the interrupted run are still alive"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_a_stopped_or_killed_run_leaves_no_warm_start_behind(rapo, tmp_path, how):
+    """The policy is prepared in a child process; it must end with the run, even when only the
+    CLI's own process is signalled (a supervisor, not a terminal's process group)."""
+    p = rapo(
+        "run", "deploy/configs/smoke.yaml", "--output-dir", str(tmp_path / "run"), "model.warm_start.steps=1000000"
+    )
+    p.wait_for_line("warm start:", timeout=300)
+    kids = _children(p.proc.pid)
+    assert kids and all(_alive(k) for k in kids)
+    p.proc.send_signal(how)
+    p.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(k) for k in kids), "the warm start outlived the run"
