@@ -125,6 +125,7 @@ class Controller:
         p, lc = cfg.pipeline, cfg.learner
         self.phase = "starting"
         self.stop_requested = False  # `rapo stop`: the step in progress is the last
+        self.finishing = False  # the last step is done: final eval, checkpoint, export
         self.state = RunState()  # what a checkpoint holds
         self.tracker: Tracker | None = None
         self.engine_kind = resolve_engine_kind(cfg.rollout.engine)
@@ -263,6 +264,7 @@ class Controller:
                 await self._evaluate(0)
             if self.state.step < cfg.pipeline.steps:
                 await self._pipeline()
+            self.finishing = True
             if self.state.evals[-1]["step"] != self.state.step:
                 self.phase = "evaluating (final)"
                 await self._evaluate(self.state.step)
@@ -691,6 +693,10 @@ class Controller:
         """Add or remove rollout workers while the run goes on (`rapo scale --rollout-workers N`)."""
         if rollout_workers < 1:
             raise ValueError("a run needs at least one rollout worker")
+        if self.finishing or self.stop_requested:
+            # Its last step is done or under way: a worker added now would take no work, and a
+            # drained one could race the final eval.
+            raise ValueError(f"the run is finishing ({self.phase}): nothing to scale")
         result = await self.fleet.scale(rollout_workers)
         await self._write_actor_table()
         return result

@@ -61,12 +61,13 @@ def stop_ray_node(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
         time.sleep(0.2)
 
 
-def rapo_cli(*args: str, timeout: float = 300) -> str:
-    """A short `rapo` command (scale, status, stop) against a live run; its stdout, exit 0 asserted."""
+def rapo_cli(*args: str, timeout: float = 300, expect: int = 0) -> str:
+    """A short `rapo` command (scale, status, stop) against a live run, its exit code asserted: its
+    stdout when it succeeds, its stderr (where errors go) when it is expected to fail."""
     done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == expect, (done.returncode, done.stderr[-3000:])
+    return done.stdout if expect == 0 else done.stderr
 
 
 class RapoProcess:

@@ -63,6 +63,9 @@ def test_scale_up_and_down_while_training(rapo, tmp_path):
     assert [w["name"] for w in gone["actors"]["rollout"]] == ["rollout-0"] and gone["rollout_workers"] == 1
     _wait_for_step(run, p, gone["step"] + 1)
     rapo_cli("stop")
+    # A run that is finishing says so, instead of failing a worker's weight sync.
+    refused = rapo_cli("scale", "--rollout-workers", "2", expect=2)
+    assert "the run is finishing" in refused and "Traceback" not in refused, refused
     assert p.wait(timeout=900) == 0, p.output[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "stopped" and gone["step"] < summary["steps"] < STEPS
