@@ -16,6 +16,7 @@ import torch
 
 from learner.batch import TrainSample, collate
 from learner.logprobs import PolicyLogprobs
+from learner.loss import aggregate
 
 
 @dataclass
@@ -83,13 +84,13 @@ def batch_token_mean_backward(
     """Backward of the batch's token-mean negative log-likelihood, micro-batch by micro-batch; its value."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    tokens = max(1, sum(sum(s.loss_mask[1:]) for s in samples))
+    tokens = max(1, sum(s.loss_tokens for s in samples))
     total = 0.0
     for start in range(0, len(samples), micro_batch_size):
         batch = collate(samples[start : start + micro_batch_size], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logp, _ = policy(batch.input_ids, batch.attention_mask, batch.targets, batch.target_mask)
-        part = -torch.where(batch.target_mask, logp, torch.zeros_like(logp)).sum() / tokens
+        part = aggregate(-logp, batch.target_mask, "token-mean", tokens)
         part.backward()
         total += float(part.detach())
     return total
