@@ -80,12 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def native_bf16() -> bool:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-
-
 def build_model(out: Path, tokenizer_dir: Path, layers: int, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -178,11 +172,14 @@ def main(argv=None) -> int:
     from cluster.config import LearnerConfig, default_cache_dir
     from cluster.model_prep import smollm2_base
     from learner.batch import padding_fraction, plan_step
+    from learner.precision import detect_precision
     from learner.trainer import DistSpec, Trainer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    bf16 = native_bf16() if args.dtype == "auto" else args.dtype == "bf16-autocast"
+    # The learner's own choice (capability and cpuinfo flags: torch reports "AVX512" on CPUs whose
+    # avx512_bf16 it does not name).
+    bf16 = detect_precision("auto").bf16 if args.dtype == "auto" else args.dtype == "bf16-autocast"
     tokenizer_dir = smollm2_base(default_cache_dir(), log=print)
     pool = demo_episodes(tokenizer_dir) if "demo" in args.mixes else []
     work = {mix: batches(mix, args, pool) for mix in args.mixes}
