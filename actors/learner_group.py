@@ -81,11 +81,14 @@ class LearnerWorker:
         (rollout/weight_transport.py); returns the address the receivers join."""
         self.close_weight_group()
         self._weight_transport = transport
-        return transport.open(ray.util.get_node_ip_address(), world_size, timeout_s)
+        address = transport.open(ray.util.get_node_ip_address(), world_size, timeout_s)
+        return {**address, "node_id": ray.get_runtime_context().get_node_id()}
 
-    def join_weight_group(self) -> None:
-        """Rank 0: join the group opened last; returns once every receiver has joined."""
+    def join_weight_group(self) -> int:
+        """Rank 0: join the group opened last; returns once every receiver has joined, with how many
+        of them map buckets from shared memory (gloo on the learner's node)."""
         self._weight_transport.join()
+        return getattr(self._weight_transport.group, "local_receivers", 0)
 
     def close_weight_group(self) -> None:
         transport = getattr(self, "_weight_transport", None)
@@ -113,6 +116,7 @@ class LearnerWorker:
         self.trainer.load_checkpoint(Path(directory), tag)
 
     def close(self) -> None:
+        self.close_weight_group()  # rank 0: its shared-memory files go with it
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
@@ -154,8 +158,8 @@ class LearnerGroup:
     async def open_weight_group(self, transport, world_size: int, timeout_s: float) -> dict:
         return await self.workers[0].open_weight_group.remote(transport, world_size, timeout_s)
 
-    async def join_weight_group(self) -> None:
-        await self.workers[0].join_weight_group.remote()
+    async def join_weight_group(self) -> int:
+        return await self.workers[0].join_weight_group.remote()
 
     async def send_weights(self, plan: dict) -> int:
         return (await _gather([w.send_weights.remote(plan) for w in self.workers]))[0]

@@ -35,9 +35,9 @@ class WeightPushFailed(RuntimeError):
 
 class WeightBroadcaster:
     def __init__(self, learner: Callable[[], object], *, transport: str, dtype: str, bucket_bytes: int,
-                 timeout_s: float):
+                 timeout_s: float, local_shm: bool = True):
         self.learner = learner
-        self.transport = weight_transport(transport, bucket_bytes)
+        self.transport = weight_transport(transport, bucket_bytes, local_shm)
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
@@ -46,6 +46,9 @@ class WeightBroadcaster:
         self.plan: dict | None = None
         self.updates: list[dict] | None = None  # the plan as the transport's update_weights payloads
         self.groups_formed = 0
+        # Over every group formed: members joined, and those that map buckets from shared memory.
+        self.receivers_joined = 0
+        self.receivers_mapped = 0
         self.bytes_sent = 0
 
     def reset(self) -> None:
@@ -56,7 +59,10 @@ class WeightBroadcaster:
         learner = self.learner()
         if self.plan is None:
             self.plan = await learner.weight_plan(self.dtype, self.bucket_bytes)
-            self.updates = self.transport.update_infos(UpdatePlan(**self.plan))
+            plan = UpdatePlan(**self.plan)
+            self.updates = self.transport.update_infos(plan)
+            if hasattr(self.transport, "version_bytes"):
+                self.transport.version_bytes = plan.nbytes()
         key = tuple((s.name, s.restarts, id(learner)) for s in slots)
         try:
             if key != self.members:
@@ -68,11 +74,14 @@ class WeightBroadcaster:
                 address = await self._learner(learner.open_weight_group(self.transport, sum(ranks) + 1,
                                                                         min(self.timeout_s, OP_TIMEOUT_S)),
                                               "open the weight group")
-                infos = self.transport.init_infos(address, ranks)
+                # Receivers on learner rank 0's node (its node_id in the address) may map buckets from shared memory.
+                infos = self.transport.init_infos(address, ranks, [s.info.get("node_id") for s in slots])
                 joins = [s.handle.join_weight_group.remote(info) for s, info in zip(slots, infos)]
-                await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
+                mapped = await self._all(learner.join_weight_group(), joins, slots, "join the weight group")
                 self.members = key
                 self.groups_formed += 1
+                self.receivers_joined += len(slots)
+                self.receivers_mapped += mapped or 0
             sent = await self._all(learner.send_weights(self.plan),
                                    [s.handle.receive_weights.remote(self.updates, version) for s in slots],
                                    slots, f"receive weights v{version}")

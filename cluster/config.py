@@ -338,6 +338,11 @@ class WeightsConfig(Section):
     bucket_mb: float | None = Field(
         None, gt=0, description="parameters gathered, cast and sent at a time (default: 256 MB on GPUs, 64 MB on CPUs)"
     )
+    local_shm: bool = Field(
+        True, description="gloo: rollout workers on learner rank 0's node map each bucket from /dev/shm (written "
+        "once, no copy per worker) and only workers on other nodes take part in the broadcast; false: all of "
+        "them receive it over gloo",
+    )
 
     def resolve(self, engine_kind: str, learner_backend: str, learner_gpus: float = 0.0,
                 rollout_gpus: float = 0.0) -> str:

@@ -244,7 +244,8 @@ class Controller:
         gpu = self.cfg.learner.num_gpus_per_rank > 0
         return WeightBroadcaster(lambda: self.learner, transport=self.weight_transport, dtype=self.rollout_dtype,
                                  bucket_bytes=self.cfg.weights.bucket_bytes(gpu),
-                                 timeout_s=self.cfg.pipeline.weight_sync_timeout_s)
+                                 timeout_s=self.cfg.pipeline.weight_sync_timeout_s,
+                                 local_shm=self.cfg.weights.local_shm)
 
     def _weights_lock(self):
         """Held from a train step to its push, so a worker catching up always gets a published version."""
@@ -779,7 +780,9 @@ class Controller:
         )
         broadcaster = self.fleet.broadcaster if self.fleet is not None else None
         summary.update(weights_transport=self.weight_transport,
-                       weight_groups_formed=broadcaster.groups_formed if broadcaster is not None else 0)
+                       weight_groups_formed=broadcaster.groups_formed if broadcaster is not None else 0,
+                       weight_receivers_joined=broadcaster.receivers_joined if broadcaster is not None else 0,
+                       weight_receivers_mapped=broadcaster.receivers_mapped if broadcaster is not None else 0)
         return summary
 
     def _finish(self, summary: dict, status: str) -> None:

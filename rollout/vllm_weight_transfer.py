@@ -33,6 +33,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     rank: int
     world_size: int
     timeout_s: float = 120.0
+    shm_tag: str = ""  # the learner's offer of shared memory (on its node): rollout/weight_wire.py
 
 
 @dataclass
@@ -56,7 +57,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         # Joining again (the group was re-formed after a worker joined or left) replaces the old one.
         self.shutdown()
         self.group = join_group(GroupAddress(init_info.master_address, init_info.master_port, init_info.rank,
-                                             init_info.world_size, init_info.timeout_s))
+                                             init_info.world_size, init_info.timeout_s, init_info.shm_tag))
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -70,7 +71,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises where there is no
-        # accelerator; gloo's broadcast has completed when receive() yields.
+        # accelerator; a bucket has arrived (mapped, or broadcast) when receive() yields it.
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:

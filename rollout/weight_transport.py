@@ -7,7 +7,8 @@ of vLLM's weight-transfer protocol (rollout/vllm_engine.py: start_weight_update,
 update_weights per payload, finish_weight_update). A transport says:
 
 - `backend`: the engine vLLM creates in each rollout worker (`weight_transfer_config`);
-- `init_infos`: what each group member is given to join (`init_weight_transfer_engine`);
+- `init_infos`: what each group member is given to join (`init_weight_transfer_engine`), from the
+  address `open` returned (with the node learner rank 0 is on) and each member's node;
 - `update_infos`: one version's `update_weights` payloads, in order;
 - on learner rank 0 (rank 0 of the group): `open` (returns the rendezvous address), `join`
   (blocks until every member has joined), `sender` (sends one bucket), `close`.
@@ -45,34 +46,49 @@ def rank_offsets(member_ranks: list[int]) -> tuple[list[int], int]:
 
 @dataclass
 class GlooTransport:
-    """The project's `rapo_gloo` engine (rollout/vllm_weight_transfer.py): CPUs, CI, GPUs too."""
+    """The project's `rapo_gloo` engine (rollout/vllm_weight_transfer.py): CPUs, CI, GPUs too.
+
+    With `local_shm`, receivers on learner rank 0's node map each bucket from shared memory and
+    only the others take part in the gloo broadcast (rollout/weight_wire.py).
+    """
 
     name: ClassVar[str] = "gloo"
     backend: ClassVar[str] = GLOO_BACKEND
 
     bucket_bytes: int
+    local_shm: bool = True
+    # A version's bytes in the rollout dtype, set by the driver before open: shared memory is
+    # offered only where it has room for them.
+    version_bytes: int = 0
     # Learner rank 0's side, set by open/join (never pickled with anything in it: the driver
     # hands the transport over before open).
     group: Any = field(default=None, repr=False)
     _store: Any = field(default=None, repr=False)
     _address: Any = field(default=None, repr=False)
 
-    def init_infos(self, address: dict, member_ranks: list[int]) -> list[dict]:
+    def init_infos(self, address: dict, member_ranks: list[int], member_nodes: list[str] | None = None) -> list[dict]:
+        """`member_nodes`: each member's node id; without them every member may map (the probe decides)."""
         if any(n != 1 for n in member_ranks):
             raise ValueError("the gloo transport takes one rank per rollout engine (no tensor-parallel engines)")
+        address = dict(address)
+        node = address.pop("node_id", None)
+        tag = address.pop("shm_tag", "")
         offsets, world_size = rank_offsets(member_ranks)
-        return [{**address, "rank": r, "world_size": world_size} for r in offsets]
+        nodes = member_nodes or [node] * len(member_ranks)
+        return [{**address, "rank": r, "world_size": world_size, "shm_tag": tag if n == node else ""}
+                for r, n in zip(offsets, nodes)]
 
     def update_infos(self, plan: UpdatePlan) -> list[dict]:
         # The whole plan in one update_weights call; the engine receives it bucket by bucket.
         return [asdict(plan)]
 
     def open(self, host: str, world_size: int, timeout_s: float) -> dict:
-        from rollout.weight_wire import GroupAddress, open_store
+        from rollout.weight_wire import GroupAddress, offer_shared_memory, open_store
 
         self.close()
         self._store = open_store(host, timeout_s)
-        self._address = GroupAddress(host, self._store.port, 0, world_size, timeout_s)
+        tag = offer_shared_memory(self.version_bytes) if self.local_shm else ""
+        self._address = GroupAddress(host, self._store.port, 0, world_size, timeout_s, tag)
         return asdict(self._address)
 
     def join(self) -> None:
@@ -83,14 +99,30 @@ class GlooTransport:
     def sender(self, plan: UpdatePlan) -> SendBucket:
         from rollout.weight_wire import send_bucket, send_buffer
 
-        scratch = send_buffer(plan)
-        return lambda bucket, tensors: send_bucket(self.group, bucket, tensors, scratch)
+        scratch = None if self.group.local_receivers else send_buffer(plan)  # shared memory: a file a bucket
+        last = len(plan.bucket_sizes)
+        sent = 0
+
+        def send(bucket: Bucket, tensors: list) -> None:
+            nonlocal sent
+            send_bucket(self.group, bucket, tensors, scratch)
+            sent += 1
+            if sent == last:
+                self.group.finish_push()
+
+        return send
 
     def close(self) -> None:
         if self.group is not None:
             with contextlib.suppress(Exception):  # peers that died leave nothing to shut down cleanly
                 self.group.shutdown()
+        elif self._address is not None and self._address.shm_tag:
+            from rollout.weight_wire import SHM_DIR, SHM_PREFIX
+
+            # Opened but never joined: its probe file is all there is.
+            (SHM_DIR / f"{SHM_PREFIX}{self._address.shm_tag}.probe").unlink(missing_ok=True)
         self.group = None
+        self._address = None
 
 
 @dataclass
@@ -117,7 +149,7 @@ class NCCLTransport:
     device: Any = field(default=None, repr=False)  # rank 0's CUDA device, the communicator's
     _address: dict | None = field(default=None, repr=False)
 
-    def init_infos(self, address: dict, member_ranks: list[int]) -> list[dict]:
+    def init_infos(self, address: dict, member_ranks: list[int], member_nodes: list[str] | None = None) -> list[dict]:
         from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
 
         offsets, world_size = rank_offsets(member_ranks)
@@ -189,5 +221,5 @@ class NCCLTransport:
 TRANSPORTS = {t.name: t for t in (GlooTransport, NCCLTransport)}
 
 
-def weight_transport(name: str, bucket_bytes: int) -> GlooTransport | NCCLTransport:
-    return TRANSPORTS[name](bucket_bytes)
+def weight_transport(name: str, bucket_bytes: int, local_shm: bool = True) -> GlooTransport | NCCLTransport:
+    return GlooTransport(bucket_bytes, local_shm) if name == "gloo" else TRANSPORTS[name](bucket_bytes)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from rollout.weight_wire import SHM_DIR, SHM_PREFIX
 from tests.e2e.conftest import SMOKE_EVAL_EVERY, SMOKE_STEPS, mlflow_run
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,11 @@ def test_smoke_run_completes_and_cleans_up(smoke_run):
     assert summary["weight_versions_published"] == steps  # one per step
     # Through vLLM's weight-transfer protocol (the gloo engine), one group for the one worker.
     assert summary["weights_transport"] == "gloo" and summary["weight_groups_formed"] == 1
+    # The worker is on the learner's node: it maps each bucket from shared memory, and the
+    # learner's files there went with it.
+    assert summary["weight_receivers_joined"] == summary["weight_receivers_mapped"] == 1
+    learner_pid = json.loads((out / "actors.json").read_text())["learner"][0]["pid"]
+    assert not list(SHM_DIR.glob(f"{SHM_PREFIX}{learner_pid}-*"))
     assert summary["episodes"] == steps * 2 * 4  # questions_per_step x samples_per_question
     assert summary["accuracy_initial"] is not None and summary["accuracy_final"] is not None
     for key in ("zero_stage", "tool_calls_per_episode", "wall_time_s", "mode"):

@@ -145,6 +145,10 @@ def test_learner_and_rollout_on_two_nodes_scaled_up_and_down(two_nodes, rapo, tm
     assert summary["weight_versions_published"] == steps and summary["restarts"]["learner"] == 0
     assert summary["weights_transport"] == "gloo"
     assert summary["weight_groups_formed"] >= 3  # rollout-0; again with rollout-1; again without it
+    # On another Ray node than the learner: every bucket came through the gloo broadcast, none was
+    # mapped (although the two nodes share this machine's /dev/shm).
+    assert summary["weight_receivers_mapped"] == 0
+    assert summary["weight_receivers_joined"] >= summary["weight_groups_formed"]
     actors = _read(run / "actors.json")
     learner_node = actors["learner"][0]["node_id"]
     rollout_nodes = {a["node_id"] for a in actors["rollout"]}

@@ -142,9 +142,11 @@ def test_step_lowers_loss_then_pushed_weights_match(engine, trainer, loop, token
     assert _max_gap(trainer, fresh) < 1e-4
 
 
-def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, trainer, loop, tokenizer):
-    """Learner buckets (small, so q/k/v and gate/up of one layer arrive in different buckets)
-    broadcast over gloo into vLLM's engine process: afterwards the logprobs agree again."""
+@pytest.mark.parametrize("local_shm", [True, False], ids=["mapped-from-shm", "gloo-broadcast"])
+def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, trainer, loop, tokenizer, local_shm):
+    """Learner buckets (small, so q/k/v and gate/up of one layer arrive in different buckets) into
+    vLLM's engine process, mapped from shared memory (an engine on the learner's node) or through
+    the gloo broadcast (elsewhere): afterwards the logprobs agree again."""
     samples = _generate(engine, loop, tokenizer, seed=300)
     for s in samples:
         s.advantage = -1.0
@@ -152,7 +154,7 @@ def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, train
         trainer.train_step(plan_step(samples, 1, 1, seed=10 + step)[0])
     assert _max_gap(trainer, samples) > 1e-2
 
-    transport = GlooTransport(64 << 10)
+    transport = GlooTransport(64 << 10, local_shm=local_shm)
     address = transport.open("127.0.0.1", 2, 120)
     plan = trainer.weight_plan("float32", 64 << 10)
     assert len(plan.bucket_sizes) > 3 and "lm_head.weight" in plan.names
@@ -160,6 +162,7 @@ def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, train
     async def push():
         (join_info,) = transport.init_infos(address, [1])
         await asyncio.gather(asyncio.to_thread(transport.join), engine.join_weight_group(join_info))
+        assert transport.group.local_receivers == int(local_shm)
         sent, _ = await asyncio.gather(
             asyncio.to_thread(trainer.send_weights, plan, transport),
             engine.receive_weights(transport.update_infos(plan), 7),

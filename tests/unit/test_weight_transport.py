@@ -15,6 +15,7 @@ import torch
 
 from cluster.config import RunConfig, load_config
 from cluster.engines import engine_spec
+from rollout.vllm_weight_transfer import GlooInitInfo
 from rollout.weight_transport import GlooTransport, NCCLTransport, rank_offsets, weight_transport
 from rollout.weight_wire import plan_buckets
 
@@ -93,6 +94,18 @@ def test_gloo_init_infos_keep_one_rank_per_engine():
     assert [(i["rank"], i["world_size"]) for i in infos] == [(1, 3), (2, 3)]
     with pytest.raises(ValueError):
         GlooTransport(1 << 20).init_infos({}, [2])
+
+
+def test_gloo_offers_shared_memory_only_to_engines_on_the_learners_node():
+    address = {"master_address": "h", "master_port": 1, "rank": 0, "world_size": 4, "timeout_s": 5.0,
+               "shm_tag": "123-ab", "node_id": "node-A"}
+    infos = GlooTransport(1 << 20).init_infos(address, [1, 1, 1], ["node-A", "node-B", "node-A"])
+    assert [i["shm_tag"] for i in infos] == ["123-ab", "", "123-ab"]
+    assert all("node_id" not in i for i in infos)  # not a field of the engines' init info
+    (init,) = [GlooInitInfo(**i) for i in infos[:1]]
+    assert init.shm_tag == "123-ab" and init.rank == 1 and init.world_size == 4
+    # Without the members' nodes (the benchmark, a test), every member is offered it; its probe decides.
+    assert [i["shm_tag"] for i in GlooTransport(1 << 20).init_infos(address, [1, 1])] == ["123-ab"] * 2
 
 
 class _FakeCommunicator:
