@@ -1,20 +1,26 @@
-"""Weight-sync benchmark: the gloo broadcast path vs the file path, side by side in one run.
+"""Weight-sync benchmark: the gloo transport's two paths vs the file path, side by side in one run.
 
 Random-init models of the SmolLM2-135M, Qwen2-0.5B and Qwen2-1.5B shapes (fp32 master weights
 for the first two, bf16 for 1.5B so it fits beside other work), sent in bf16 (the rollout
 dtype) to 1, 2 and 4 receiving workers. The sender is the learner's real code
-(learner/weight_stream.py: plan, cast+pack per bucket, one gloo broadcast per bucket). The
+(learner/weight_stream.py: plan, cast+pack per bucket, then rollout/weight_wire.py). The
 receivers are plain torch processes speaking the receive side of the project's vLLM engine
 (rollout/weight_wire.py `receive`): four vLLM engines would not fit beside each other on a
-small CPU machine, and what is measured here is the transport, not vLLM's loader.
+small CPU machine, and what is measured here is the transport, not vLLM's loader (with --load,
+each receiver also copies every bucket into a buffer of the model's size, as a loader copies
+into the engine's parameters; that copy is the same whatever the transport).
 
 Per shape it prints:
-- native: seconds from the first bucket to every receiver holding the last one;
+- native: seconds from the first bucket to every receiver holding the last one, on the path a
+  run takes for workers on the learner's node (weights.local_shm: each bucket packed once into
+  shared memory and mapped by every receiver);
+- gloo: the same over the gloo broadcast (weights.local_shm=false, and the path for workers on
+  other nodes: TCP, here over loopback);
 - file: the `weights.transport: file` path as it runs for workers on other nodes: the learner
   writes one safetensors file, then each worker in turn pulls its bytes through the learner,
   writes its own copy and loads it (the learner actor serves the reads one after another);
 - floor: one in-memory copy of the same bytes, measured in the same run;
-- ratios: native/floor, file/native, and native with 4 workers / native with 1.
+- ratios: native/floor, file/native, and native with 4 workers / native with 1 (the same for gloo).
 
 The last line is for the 0.5B shape:  speedup_vs_file=X scale_4v1=Y floor_ratio=Z
 (speedup and floor ratio at 4 workers; file with 4 workers is skipped when --file-max-gb is
@@ -63,16 +69,20 @@ def build_model(shape: str):
     return model
 
 
-def _receiver(inbox, outbox) -> None:
+def _receiver(inbox, outbox, load: bool = False) -> None:
     """A worker's receive side: join the group, take each version's buckets, report when done."""
     import queue
 
+    import torch
     from safetensors.torch import load_file
 
     from rollout.weight_wire import GroupAddress, UpdatePlan, join_group, receive
 
+    # One thread each: up to four receivers share this machine's cores (OpenMP threads of several
+    # processes spinning on two cores would measure the oversubscription, not the transport).
+    torch.set_num_threads(1)
     parent = os.getppid()
-    group = None
+    group = dest = None
     while True:
         try:
             cmd, arg = inbox.get(timeout=5)
@@ -91,8 +101,19 @@ def _receiver(inbox, outbox) -> None:
             outbox.put("left")
         elif cmd == "recv":
             n = 0
-            for bucket in receive(group, UpdatePlan(**arg)):
+            plan = UpdatePlan(**arg)
+            if load:
+                # Allocated once, as an engine's parameters are: a fresh buffer would add its page faults.
+                if dest is None or dest.numel() != plan.nbytes():
+                    dest = torch.zeros(plan.nbytes(), dtype=torch.uint8)
+                at = 0
+            for bucket in receive(group, plan):
                 n += len(bucket)
+                if load:
+                    for _, t in bucket:
+                        flat = t.reshape(-1).view(torch.uint8)
+                        dest[at: at + flat.numel()].copy_(flat)
+                        at += flat.numel()
             group.barrier().wait()
             outbox.put(n)
         elif cmd == "file":
@@ -107,10 +128,10 @@ def _receiver(inbox, outbox) -> None:
 
 
 class Receivers:
-    def __init__(self, n: int):
+    def __init__(self, n: int, load: bool = False):
         ctx = mp.get_context("spawn")
         self.pipes = [(ctx.Queue(), ctx.Queue()) for _ in range(n)]
-        self.procs = [ctx.Process(target=_receiver, args=p, daemon=True) for p in self.pipes]
+        self.procs = [ctx.Process(target=_receiver, args=(*p, load), daemon=True) for p in self.pipes]
         for p in self.procs:
             p.start()
 
@@ -130,19 +151,20 @@ class Receivers:
                 p.kill()
 
 
-def time_native(model, plan, receivers: Receivers, k: int, reps: int) -> float:
+def time_native(model, plan, receivers: Receivers, k: int, reps: int, local_shm: bool) -> float:
     import torch  # noqa: F401
 
     from learner.weight_stream import send_weights
     from rollout.weight_transport import GlooTransport
 
     # The plan is already cut into buckets; the gloo sender takes them as they come.
-    transport = GlooTransport(bucket_bytes=0)
+    transport = GlooTransport(bucket_bytes=0, local_shm=local_shm, version_bytes=plan.nbytes())
     address = transport.open("127.0.0.1", k + 1, 300)
     receivers.ask(k, "join", transport.init_infos(address, [1] * k))
     transport.join()
     group = transport.group
     receivers.answers(k)
+    assert group.local_receivers == (k if local_shm else 0), "the receivers did not take the path asked for"
     times = []
     for _ in range(reps):
         receivers.ask(k, "recv", [asdict(plan)] * k)
@@ -201,6 +223,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--file-max-gb", type=float, default=1.5,
                     help="skip the file path for shapes whose bf16 bytes exceed this (it needs them several times)")
+    ap.add_argument("--load", action="store_true",
+                    help="receivers also copy every bucket into a model-sized buffer (what a loader does)")
     args = ap.parse_args(argv)
     import torch
 
@@ -208,7 +232,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     workers = [int(w) for w in args.workers.split(",")]
-    receivers = Receivers(max(workers))
+    receivers = Receivers(max(workers), load=args.load)
     summary = {}
     try:
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -220,11 +244,13 @@ def main(argv=None) -> None:
                 floor = time_floor(nbytes, args.reps)
                 print(f"[{shape}] {nbytes / 1e9:.2f} GB in bf16, {len(plan.bucket_sizes)} buckets of <= "
                       f"{args.bucket_mb:.0f} MB; floor (one in-memory copy) {floor:.3f} s", flush=True)
-                native, file = {}, {}
+                native, gloo, file = {}, {}, {}
                 for k in workers:
-                    native[k] = time_native(model, plan, receivers, k, args.reps)
-                    line = f"[{shape}] workers={k} native={native[k]:.3f}s ({nbytes / native[k] / 1e9:.2f} GB/s) " \
-                           f"floor_ratio={native[k] / floor:.2f}"
+                    native[k] = time_native(model, plan, receivers, k, args.reps, local_shm=True)
+                    gloo[k] = time_native(model, plan, receivers, k, args.reps, local_shm=False)
+                    line = (f"[{shape}] workers={k} native={native[k]:.3f}s ({nbytes / native[k] / 1e9:.2f} GB/s) "
+                            f"floor_ratio={native[k] / floor:.2f} gloo={gloo[k]:.3f}s "
+                            f"(floor_ratio {gloo[k] / floor:.2f})")
                     if nbytes / 1e9 <= args.file_max_gb:
                         file[k] = time_file(model, receivers, k, max(1, args.reps - 1), Path(d))
                         line += f" file={file[k]:.3f}s speedup_vs_file={file[k] / native[k]:.2f}"
@@ -236,7 +262,8 @@ def main(argv=None) -> None:
                     "scale_4v1": native[top] / native[min(workers)],
                     "floor_ratio": native[top] / floor,
                 }
-                print(f"[{shape}] scale_{top}v{min(workers)}={summary[shape]['scale_4v1']:.2f}", flush=True)
+                print(f"[{shape}] scale_{top}v{min(workers)}={summary[shape]['scale_4v1']:.2f} "
+                      f"(gloo {gloo[top] / gloo[min(workers)]:.2f})", flush=True)
                 del model
     finally:
         receivers.stop()
