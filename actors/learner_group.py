@@ -81,6 +81,8 @@ class LearnerWorker:
         (rollout/weight_transport.py); returns the address the receivers join."""
         self.close_weight_group()
         self._weight_transport = transport
+        if hasattr(transport, "run"):  # gloo: shared-memory files are named by run
+            transport.run = ray.get_runtime_context().namespace or ""
         address = transport.open(ray.util.get_node_ip_address(), world_size, timeout_s)
         return {**address, "node_id": ray.get_runtime_context().get_node_id()}
 

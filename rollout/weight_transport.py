@@ -60,6 +60,9 @@ class GlooTransport:
     # A version's bytes in the rollout dtype, set by the driver before open: shared memory is
     # offered only where it has room for them.
     version_bytes: int = 0
+    # The run's name (its Ray namespace), set by learner rank 0: its own dead senders' shared-memory
+    # files are removed when it opens a group.
+    run: str = ""
     # Learner rank 0's side, set by open/join (never pickled with anything in it: the driver
     # hands the transport over before open).
     group: Any = field(default=None, repr=False)
@@ -87,7 +90,7 @@ class GlooTransport:
 
         self.close()
         self._store = open_store(host, timeout_s)
-        tag = offer_shared_memory(self.version_bytes) if self.local_shm else ""
+        tag = offer_shared_memory(self.version_bytes, run=self.run) if self.local_shm else ""
         self._address = GroupAddress(host, self._store.port, 0, world_size, timeout_s, tag)
         return asdict(self._address)
 

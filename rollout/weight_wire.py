@@ -140,27 +140,33 @@ def open_store(host: str, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def offer_shared_memory(nbytes: int, shm_dir: Path = SHM_DIR) -> str:
+def offer_shared_memory(nbytes: int, shm_dir: Path = SHM_DIR, run: str = "") -> str:
     """The sender's side: a tag for a group whose receivers on this node may map buckets from shm_dir,
-    or "" where there is no such directory or too little room in it for a version (it holds up to a
-    version's buckets until every receiver has mapped them)."""
+    or "" where there is no such directory or too little room in it for a version (it holds a
+    version's buckets for the group's life). `run` names the run (letters and digits kept): its
+    own dead senders' files are removed at once, other runs' only once they are old."""
     if not shm_dir.is_dir():
         return ""
-    remove_stale_segments(shm_dir)
+    run = "".join(c for c in run if c.isalnum())[:24] or "run"
+    remove_stale_segments(shm_dir, run)
     if shutil.disk_usage(shm_dir).free < 1.25 * nbytes + (64 << 20):
         return ""
-    tag = f"{os.getpid()}-{secrets.token_hex(6)}"
+    tag = f"{os.getpid()}-{run}-{secrets.token_hex(6)}"
     (shm_dir / f"{SHM_PREFIX}{tag}.probe").write_text(tag)
     return tag
 
 
-def remove_stale_segments(shm_dir: Path = SHM_DIR, min_age_s: float = STALE_SHM_S) -> int:
-    """Remove what senders that died left in shm_dir: files whose owner pid is gone, older than min_age_s."""
+def remove_stale_segments(shm_dir: Path = SHM_DIR, run: str = "", min_age_s: float = STALE_SHM_S) -> int:
+    """Remove what senders that died left in shm_dir (a killed learner cannot): files whose sender's
+    pid is gone, and that belong to `run` or are older than min_age_s (a pid from another pid
+    namespace sharing this /dev/shm would look gone: its files are spared while it may be writing)."""
     removed = 0
     for path in shm_dir.glob(f"{SHM_PREFIX}*"):
-        pid = path.name[len(SHM_PREFIX):].split("-", 1)[0]
+        pid, _, rest = path.name[len(SHM_PREFIX):].partition("-")
         try:
-            if not pid.isdigit() or _alive(int(pid)) or time.time() - path.stat().st_mtime < min_age_s:
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if rest.split("-", 1)[0] != run and time.time() - path.stat().st_mtime < min_age_s:
                 continue
             path.unlink()
             removed += 1

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from rollout.weight_wire import SHM_DIR, SHM_PREFIX
 from tests.e2e.conftest import RapoProcess, mlflow_run
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,9 @@ def faulty_run(tmp_path_factory):
         events["history"] = {h["step"]: h for h in _read(run / "history.json").get("steps", [])}
         events["actors"] = _read(run / "actors.json")
         events["group_gone"] = proc.group_gone(timeout=60)
+        # Shared-memory weight files of the killed learner (removed by its successor) and of the last one.
+        events["shm_left"] = [p.name for pid in (events["learner_pid"], events["actors"]["learner"][0]["pid"])
+                              for p in SHM_DIR.glob(f"{SHM_PREFIX}{pid}-*")]
         client, mlrun = mlflow_run(run, events["summary"]["mlflow_run_id"])
         events["staleness_mean"] = [m.step for m in client.get_metric_history(mlrun.info.run_id, "staleness/mean")]
         yield events
@@ -142,6 +146,8 @@ def test_killed_learner_resumes_from_the_last_checkpoint(faulty_run):
     assert s["restarts"]["learner"] >= 1
     # Versions never go back: the restored weights went out as a new version.
     assert s["weight_versions_published"] > STEPS
+    # The killed learner could not remove its shared-memory weight files; its successor did.
+    assert faulty_run["shm_left"] == []
 
 
 def test_redis_restart_keeps_queue_and_state(faulty_run):

@@ -156,20 +156,24 @@ def test_no_offer_where_there_is_no_room_or_no_directory(shm_dir, tmp_path):
     assert list(shm_dir.iterdir()) == []
 
 
-def test_only_a_dead_senders_old_files_are_removed(shm_dir):
+def test_only_dead_senders_files_of_this_run_or_old_ones_are_removed(shm_dir):
     dead = _dead_pid()
     old, recent = time.time() - 3600, time.time()
     files = {
-        f"{SHM_PREFIX}{dead}-aa-0-0": (old, True),  # its owner is gone, and it is old
-        f"{SHM_PREFIX}{dead}-bb.probe": (recent, False),  # too recent: a sender may be starting
-        f"{SHM_PREFIX}{os.getpid()}-cc-0-0": (old, False),  # its owner is alive
+        f"{SHM_PREFIX}{dead}-runA-aa-0": (recent, True),  # this run's, its sender gone
+        f"{SHM_PREFIX}{dead}-runB-bb-0": (old, True),  # another run's, sender gone, old
+        f"{SHM_PREFIX}{dead}-runB-cc.probe": (recent, False),  # another run's, recent: maybe another pid namespace
+        f"{SHM_PREFIX}{os.getpid()}-runA-dd-0": (old, False),  # its sender is alive
         "someone-else": (old, False),  # not ours
     }
     for name, (mtime, _) in files.items():
         (shm_dir / name).write_bytes(b"x")
         os.utime(shm_dir / name, (mtime, mtime))
-    assert remove_stale_segments(shm_dir) == 1
+    assert remove_stale_segments(shm_dir, "runA") == 2
     assert sorted(p.name for p in shm_dir.iterdir()) == sorted(n for n, (_, gone) in files.items() if not gone)
+    # A new offer clears the same way, and names its files by run.
+    tag = offer_shared_memory(1 << 20, shm_dir, run="run/A!")
+    assert tag.split("-")[:2] == [str(os.getpid()), "runA"]
 
 
 def _dead_pid() -> int:
