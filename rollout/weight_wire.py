@@ -39,8 +39,8 @@ BACKEND = "rapo_gloo"
 ALIGN = 64
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "rapo-w-"
-# Files of a sender that died mid-push (a killed learner) are removed by the next sender on the
-# node once their owner is gone and they are this old (never another live learner's).
+# Files of a sender that died (a killed learner) are removed by the next sender on the node: at
+# once when they are of its own run, else once they are this old as well (remove_stale_segments).
 STALE_SHM_S = 600.0
 
 
@@ -199,8 +199,9 @@ class WeightGroup:
     kernel (allocating, zeroing and faulting in every page) than the cast itself, and so would a
     fresh mapping per push on every receiver. Receivers keep theirs too, read-only: what they are
     given holds its values until the push has ended, so a loader copies it in (vLLM's and the
-    transformers engine's do; one that wrote into it would fault, not corrupt the others'). The
-    sender rewrites bucket files only once every receiver here has finished the previous push.
+    transformers engine's do; one that wrote into it would fault, not corrupt the others'). A
+    push ends (finish_push) only once every receiver here has finished it, so no file is rewritten
+    while one still reads it.
     """
 
     pg: dist.ProcessGroup
@@ -225,8 +226,7 @@ class WeightGroup:
         """Where the sender packs the next bucket: its shared-memory file when receivers map it."""
         if not self.local_receivers:
             return torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
-        if self._sent == 0 and self.pushes > 0:
-            self._wait_done(self.pushes - 1)  # nobody here still reads the files about to be rewritten
+        # No receiver here still reads the file about to be rewritten: the last push ended once all had it.
         index = self._sent
         held = self._files.get(index)
         if held is None or held[1] != size:
@@ -248,6 +248,9 @@ class WeightGroup:
         try:
             if self.local_receivers:
                 self._wait_done(self.pushes)
+                # Every receiver here has read this push's names: the store need not keep them.
+                for key in [*(self._key(i) for i in range(self._sent)), f"done/{self.pushes}"]:
+                    self.store.delete_key(key)
         finally:
             self.pushes += 1
             self._sent = 0
