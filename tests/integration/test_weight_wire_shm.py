@@ -32,7 +32,7 @@ HOST = "127.0.0.1"
 def _model(seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shapes = {"embed": [50, 16], "l0.qkv": [48, 16], "l0.norm": [16], "l1.mlp": [32, 16], "head.bias": [7]}
-    return {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    return {n: torch.randn(s, generator=gen, dtype=torch.float32) for n, s in shapes.items()}
 
 
 def _run(fn, *args):

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from learner.loss import aggregate, importance_weights, k3_kl, masked_mean, ppo_token_loss
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """float64 for this module's tensors only: set at import, the default leaked into every test
+    collected after it (pytest imports all modules before running any)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def t(*rows: list[float]) -> torch.Tensor:
