@@ -120,10 +120,10 @@ class GlooTransport:
             with contextlib.suppress(Exception):  # peers that died leave nothing to shut down cleanly
                 self.group.shutdown()
         elif self._address is not None and self._address.shm_tag:
-            from rollout.weight_wire import SHM_DIR, SHM_PREFIX
+            from rollout.weight_wire import probe_path
 
             # Opened but never joined: its probe file is all there is.
-            (SHM_DIR / f"{SHM_PREFIX}{self._address.shm_tag}.probe").unlink(missing_ok=True)
+            probe_path(self._address.shm_tag).unlink(missing_ok=True)
         self.group = None
         self._address = None
 

@@ -152,8 +152,13 @@ def offer_shared_memory(nbytes: int, shm_dir: Path = SHM_DIR, run: str = "") -> 
     if shutil.disk_usage(shm_dir).free < 1.25 * nbytes + (64 << 20):
         return ""
     tag = f"{os.getpid()}-{run}-{secrets.token_hex(6)}"
-    (shm_dir / f"{SHM_PREFIX}{tag}.probe").write_text(tag)
+    probe_path(tag, shm_dir).write_text(tag)
     return tag
+
+
+def probe_path(tag: str, shm_dir: Path = SHM_DIR) -> Path:
+    """The file that offers a group's shared memory: a receiver that can read it shares the sender's /dev/shm."""
+    return shm_dir / f"{SHM_PREFIX}{tag}.probe"
 
 
 def remove_stale_segments(shm_dir: Path = SHM_DIR, run: str = "", min_age_s: float = STALE_SHM_S) -> int:
@@ -225,7 +230,7 @@ class WeightGroup:
     def bucket_buffer(self, size: int, scratch: torch.Tensor | None) -> torch.Tensor:
         """Where the sender packs the next bucket: its shared-memory file when receivers map it."""
         if not self.local_receivers:
-            return torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
+            return flat_buffer(size, scratch)
         # No receiver here still reads the file about to be rewritten: the last push ended once all had it.
         index = self._sent
         held = self._files.get(index)
@@ -364,7 +369,7 @@ def join_group(address: GroupAddress, store: dist.TCPStore | None = None, shm_di
 
 def _sees_probe(shm_dir: Path, tag: str) -> bool:
     try:
-        return (shm_dir / f"{SHM_PREFIX}{tag}.probe").read_text() == tag
+        return probe_path(tag, shm_dir).read_text() == tag
     except OSError:
         return False
 
@@ -388,15 +393,17 @@ def send_buffer(plan: UpdatePlan, device: torch.device | str = "cpu") -> torch.T
     return torch.empty(max(layout(b)[1] for b in plan.buckets()), dtype=torch.uint8, device=device)
 
 
+def flat_buffer(size: int, scratch: torch.Tensor | None) -> torch.Tensor:
+    """A bucket's flat buffer in process memory: the front of the reused scratch buffer, or a new one."""
+    return torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
+
+
 def send_bucket(group: WeightGroup | dist.ProcessGroup, bucket: list[tuple[str, torch.dtype, list[int]]],
                 tensors: list[torch.Tensor], scratch: torch.Tensor | None = None) -> None:
     """Cast and pack one bucket into a flat buffer (one copy), and send it: to a weight group (mapped
     on this node, broadcast beyond), or broadcast in a plain process group."""
     _, size = layout(bucket)
-    if isinstance(group, WeightGroup):
-        buffer = group.bucket_buffer(size, scratch)
-    else:
-        buffer = torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
+    buffer = group.bucket_buffer(size, scratch) if isinstance(group, WeightGroup) else flat_buffer(size, scratch)
     for view, tensor in zip(views(buffer, bucket), tensors):
         view.copy_(tensor.detach().reshape(view.shape))
     if isinstance(group, WeightGroup):

@@ -21,6 +21,7 @@ from rollout.weight_wire import (
     offer_shared_memory,
     open_store,
     plan_buckets,
+    probe_path,
     receive,
     remove_stale_segments,
     send_bucket,
@@ -58,13 +59,13 @@ def _run(fn, *args):
     return get
 
 
-def _form(world: int, tags: list[str], shm_dirs: list[Path], timeout_s: float = 30.0):
-    """Rank 0's group and the receivers' groups; receiver r is given tags[r-1] and looks in shm_dirs[r-1]."""
+def _form(offer: str, shm_dir: Path, tags: list[str], shm_dirs: list[Path], timeout_s: float = 30.0):
+    """Rank 0's group (offering `offer` in shm_dir) and the receivers' groups; receiver r is given
+    tags[r-1] and looks in shm_dirs[r-1]."""
+    world = 1 + len(tags)
     store = open_store(HOST, timeout_s)
-    sender_dir = shm_dirs[0]
-    tag = tags[0] if tags else ""
-    address = GroupAddress(HOST, store.port, 0, world, timeout_s, tag)
-    sender = _run(join_group, address, store, sender_dir)
+    address = GroupAddress(HOST, store.port, 0, world, timeout_s, offer)
+    sender = _run(join_group, address, store, shm_dir)
     receivers = [
         _run(join_group, GroupAddress(HOST, store.port, r, world, timeout_s, tags[r - 1]), None, shm_dirs[r - 1])
         for r in range(1, world)
@@ -74,7 +75,7 @@ def _form(world: int, tags: list[str], shm_dirs: list[Path], timeout_s: float = 
 
 def _push(sender, receivers, model: dict[str, torch.Tensor], plan) -> list[dict[str, torch.Tensor]]:
     def take(group):
-        # Clones: what a loader copies into its parameters before the files go.
+        # Clones: what a loader copies into its parameters before the push ends (the next rewrites the files).
         return {name: t.clone() for bucket in receive(group, plan) for name, t in bucket}
 
     got = [_run(take, g) for g in receivers]
@@ -94,11 +95,11 @@ def shm_dir(tmp_path):
 
 def test_mapping_and_broadcast_receivers_get_every_version_exactly(shm_dir, tmp_path):
     tag = offer_shared_memory(1 << 20, shm_dir)
-    assert tag and (shm_dir / f"{SHM_PREFIX}{tag}.probe").exists()
+    assert tag and probe_path(tag, shm_dir).exists()
     elsewhere = tmp_path / "other-node"  # a receiver whose /dev/shm is not the sender's
     elsewhere.mkdir()
     # Ranks 1 and 2 map; rank 3 was not offered shared memory; rank 4 was, but cannot see the probe.
-    sender, receivers = _form(5, [tag, tag, "", tag], [shm_dir, shm_dir, shm_dir, elsewhere])
+    sender, receivers = _form(tag, shm_dir, [tag, tag, "", tag], [shm_dir, shm_dir, shm_dir, elsewhere])
     try:
         assert sender.local_receivers == 2 and [g.maps for g in receivers] == [True, True, False, False]
         assert receivers[0].remote is None and receivers[2].remote is not None and receivers[3].remote is not None
@@ -119,7 +120,7 @@ def test_mapping_and_broadcast_receivers_get_every_version_exactly(shm_dir, tmp_
 
 
 def test_without_an_offer_every_receiver_takes_the_broadcast(shm_dir):
-    sender, receivers = _form(3, ["", ""], [shm_dir, shm_dir])
+    sender, receivers = _form("", shm_dir, ["", ""], [shm_dir, shm_dir])
     try:
         assert sender.local_receivers == 0 and sender.remote is sender.pg
         model = _model(7)
@@ -134,7 +135,7 @@ def test_without_an_offer_every_receiver_takes_the_broadcast(shm_dir):
 
 def test_a_receiver_that_never_maps_fails_the_push_named_and_in_time(shm_dir):
     tag = offer_shared_memory(1 << 20, shm_dir)
-    sender, receivers = _form(2, [tag], [shm_dir], timeout_s=2.0)
+    sender, receivers = _form(tag, shm_dir, [tag], [shm_dir], timeout_s=2.0)
     try:
         model = _model(1)
         plan = plan_buckets([(n, "float32", list(t.shape)) for n, t in model.items()], 1 << 20)
