@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.redis_server import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 # SmolLM2 warm-started as deploy/configs/demo.yaml does (one cache entry, built once per machine):
 # smoke.yaml's random-init model never calls a tool nor answers, so tests that need real
@@ -70,16 +72,27 @@ def rapo_cli(*args: str, timeout: float = 300, expect: int = 0) -> str:
     return done.stdout if expect == 0 else done.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class RapoProcess:
     """The CLI in its own process group, its output in a file (a pipe nobody reads would block it)."""
 
     def __init__(self, args: list[str], env: dict | None = None):
         full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        if args[0] == "run" and not any(a.startswith(("ray.address=", "ray.dashboard_port=")) for a in args):
+            # A private Ray's dashboard on a port of its own: runs of other test workers start at the
+            # same time, and two of them that both find 8265 free would both take it.
+            args = [*args, f"ray.dashboard_port={free_port()}"]
         # Open for the whole life of the child, closed (and removed) by the rapo fixture.
         self.log = tempfile.NamedTemporaryFile(prefix="rapo-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored across exec:
+            # the CLI must get Ctrl-C as a terminal would send it.
+            preexec_fn=_default_sigint,
         )
         self.pgid = self.proc.pid
 

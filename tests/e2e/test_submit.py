@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,20 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from cluster.redis_server import free_port
 from tests.e2e.conftest import REPO, stop_ray_node
 
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    gcs, dash = _port(), _port()
+@pytest.fixture(scope="module")
+def ray_head():
+    """One head for the module's jobs, as a cluster serves many: a head start each would be most of
+    the module's time."""
+    gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"rapo-head-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
     # A job's entrypoint runs `python` from the head's PATH, as on a cluster image where the
     # project is installed: put this environment's interpreter first (CI does not activate it).
@@ -131,6 +127,7 @@ def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
     path = f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
+    before = {a.actor_id for a in list_actors(address=ray_head, limit=1000)}  # the head serves the module's jobs
     sub = subprocess.run(
         [
             str(ray_bin),
@@ -162,5 +159,5 @@ def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
     assert "joined the cluster" in sub.stdout and "(from RAY_ADDRESS)" in sub.stdout, sub.stdout[-4000:]
     assert "private local Ray" not in sub.stdout
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
-    names = {a.name for a in list_actors(address=ray_head, limit=1000)}
+    names = {a.name for a in list_actors(address=ray_head, limit=1000) if a.actor_id not in before}
     assert {"learner-0", "rollout-0"} <= names, names

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.redis_server import free_port
 from tests.e2e.conftest import rapo_cli, stop_ray_node
 from tests.e2e.test_fault_tolerance import _read, _wait_for_step
 
@@ -30,19 +30,13 @@ pytestmark = pytest.mark.slow
 STEPS = 400
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_node(args: list[str], temp: Path) -> subprocess.Popen:
     # Each node's agents on ports of their own: two raylets share this machine's address.
     ray_bin = Path(sys.executable).with_name("ray")
     return subprocess.Popen(
         [str(ray_bin), "start", "--block", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-         f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}", *args],
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", *args],
         env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -50,10 +44,10 @@ def _ray_node(args: list[str], temp: Path) -> subprocess.Popen:
 
 @pytest.fixture
 def two_nodes():
-    gcs = _port()
+    gcs = free_port()
     temp = Path("/tmp") / f"rapo-2n-{os.getpid()}-{gcs}"  # Ray caps socket path lengths
     # Without a port of its own the head's dashboard process fights other Rays for 8265 and the node times out.
-    head = _ray_node(["--head", f"--port={gcs}", "--include-dashboard=false", f"--dashboard-port={_port()}",
+    head = _ray_node(["--head", f"--port={gcs}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
                       '--resources={"rapo_learner_node": 1}'], temp)
     nodes = [head]
     try:

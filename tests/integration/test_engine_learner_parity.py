@@ -10,10 +10,10 @@ vLLM's engine-core process).
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
+from cluster.redis_server import free_port
 from learner.batch import MiniBatch, TrainSample, plan_step
 from rollout.engine import EngineSpec, SamplingConfig
 from rollout.engine_factory import vllm_available
@@ -21,12 +21,6 @@ from rollout.weight_transport import GlooTransport
 from rollout.weight_wire import BACKEND
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def trainer(tiny_model_dir):
     cfg = LearnerConfig(
         zero_stage=2, micro_batch_size=4, autocast_bf16=False, kl_coef=0.0, lr=1e-3, gradient_checkpointing=False
     )
-    tr = Trainer(cfg, tiny_model_dir, DistSpec(0, 1, "127.0.0.1", _free_port()), per_rank_micro_batches=2)
+    tr = Trainer(cfg, tiny_model_dir, DistSpec(0, 1, "127.0.0.1", free_port()), per_rank_micro_batches=2)
     yield tr
     tr.close()
 
