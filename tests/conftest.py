@@ -49,7 +49,6 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-
 # How the suite spreads over pytest-xdist workers (`make test` runs `-n 2 --dist loadfile`):
 # each file is one unit of work (its module fixtures run once), files that share a session
 # fixture are one unit (each worker would otherwise start that run itself), and units go out in
@@ -71,9 +70,19 @@ def work_unit(path: str | Path) -> str:
 
 
 def _rank(path: Path) -> int:
-    unit = work_unit(path)
-    return ORDER.index(unit) if unit in ORDER else ORDER.index(path.parent.name) if path.parent.name in ORDER \
-        else len(ORDER)
+    for unit in (work_unit(path), path.parent.name):
+        if unit in ORDER:
+            return ORDER.index(unit)
+    return len(ORDER)
+
+
+def _selects(config, folder: Path) -> bool:
+    """Whether the command line's paths take in any test of `folder`."""
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).resolve()
+        if folder.is_relative_to(path) or path.is_relative_to(folder):
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(config, items):
@@ -101,9 +110,7 @@ def pytest_configure(config):
     tests, the warm start took 6x as long."""
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
-    e2e = Path(__file__).parent / "e2e"
-    if not any(e2e.is_relative_to(Path(a.split("::")[0]).resolve()) or Path(a.split("::")[0]).resolve()
-               .is_relative_to(e2e) for a in config.args):
+    if not _selects(config, Path(__file__).parent / "e2e"):
         return
     import subprocess
     import sys
