@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/rapo run deploy/configs/demo.yaml
 
-# Two workers: the end-to-end runs leave a core idle for a fifth of their time (start-up, waits).
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs the suite on two pytest-xdist workers (about 20 min instead of 28 on 2 cores),
+# but beside the SmolLM2 run a local Ray can miss Ray's fixed 30 s node start-up limit: one process
+# until that is solved (README, Tests).
+TEST_WORKERS ?= 0
 
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
