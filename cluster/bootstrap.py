@@ -21,11 +21,14 @@ metrics; the dashboard (which can run jobs) stays on `ray.dashboard_host`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +114,66 @@ def ray_target(cfg: RunConfig, environ=os.environ) -> tuple[str | None, str]:
     return None, "no ray.address nor RAY_ADDRESS"
 
 
+# Ray gives a new local node a fixed 30 s to register with its GCS (`raylet_start_wait_time_s` in
+# ray/_private/node.py, not a setting). On a machine whose cores are all busy, a healthy raylet can
+# miss it, and ray.init raises with this text.
+NODE_START_TIMEOUT = "timed out during startup"
+
+
+def _descendants() -> dict[int, float]:
+    """{pid: start time} of this process's descendants (a pid alone could have been reused)."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            out[child.pid] = child.create_time()
+    return out
+
+
+def stop_new_descendants(before: dict[int, float], grace_s: float = 3.0) -> list[int]:
+    """Stop, by pid, the descendants of this process that were not in `before`; returns their pids."""
+    import psutil
+
+    new = []
+    for pid, started in _descendants().items():
+        if before.get(pid) != started:
+            with contextlib.suppress(psutil.Error):
+                new.append(psutil.Process(pid))
+    for proc in new:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(new, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    return [p.pid for p in new]
+
+
+def start_local_ray(attempts: int = 3, log=print, init: Callable | None = None, **kwargs):
+    """`ray.init(address="local", **kwargs)`, tried again when the new node misses Ray's start-up limit.
+
+    A failed start leaves its GCS and raylet running (ray.init keeps no handle to them): they are
+    stopped before the next try, so that a retry does not leave two half-started Rays behind.
+    """
+    import ray
+
+    init = init or ray.init
+    for attempt in range(1, attempts + 1):
+        before = _descendants()
+        try:
+            return init(address="local", **kwargs)
+        except Exception as e:
+            if NODE_START_TIMEOUT not in str(e) or attempt == attempts:
+                raise
+            stopped = stop_new_descendants(before)
+            log(f"ray: the local node missed Ray's 30 s start-up limit (a busy machine?); stopped the "
+                f"{len(stopped)} processes it started, trying again ({attempt + 1} of {attempts})")
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def init_ray(cfg: RunConfig, log_to_driver: bool = False, log=print) -> tuple[bool, str | None]:
     """Join the cluster `ray_target` names, or start a private local Ray.
 
@@ -131,8 +194,8 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = False, log=print) -> tuple[bo
     port = cfg.ray.dashboard_port
     if port and not _port_free(port):
         port = free_port()
-    info = ray.init(
-        address="local",
+    info = start_local_ray(
+        log=log,
         num_cpus=cfg.ray.num_cpus or needed_cpus(cfg),
         include_dashboard=True,
         dashboard_host=cfg.ray.dashboard_host,

@@ -17,6 +17,7 @@ import ray
 from safetensors.torch import load_file
 
 from actors.learner_group import LearnerGroup
+from cluster.bootstrap import start_local_ray
 from cluster.config import LearnerConfig
 from learner.batch import TrainSample, plan_step
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

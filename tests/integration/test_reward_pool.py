@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from actors.reward_pool import RewardPool
+from cluster.bootstrap import start_local_ray
 from cluster.config import RewardsConfig
 from rewards.answer import rule_judge
 from rewards.formulas import stage2_reward
@@ -22,8 +23,8 @@ KEY = "sk-pool-test-key"
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": KEY}})
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": {"RAPO_JUDGE_API_KEY": KEY}})
     yield
     ray.shutdown()
 
