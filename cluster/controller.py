@@ -462,10 +462,18 @@ class Controller:
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0:
                 self.phase = f"step {step}: evaluating"
                 await self._evaluate(step)
+            # Last, so that the checkpoint holds the step's metrics and eval: a run resumed from it
+            # would otherwise lack them (the run's final checkpoint comes after its final eval).
+            every = cfg.learner.checkpoint_every
+            if every and step % every == 0 and step != cfg.pipeline.steps:
+                try:
+                    await self._checkpoint(step)
+                except RESTARTS_LEARNER as e:
+                    await self._restart_learner(e)
 
     async def _train_and_publish(self, entries: list[tuple[str, ScoredGroup]], step: int) -> tuple[dict, float, float]:
-        """One RAPO step on the batch, the new weights to every worker, then a checkpoint when one is due.
-        Returns the learner's numbers and the training and weight-sync times."""
+        """One RAPO step on the batch and the new weights to every worker. Returns the learner's numbers
+        and the training and weight-sync times."""
         cfg = self.cfg
         self.phase = f"step {step}: training"
         async with self._weights_lock():
@@ -478,10 +486,7 @@ class Controller:
         # Only now may the next groups start: under the staleness bound, with the new weights.
         self.state.step = step
         self.unacked += [eid for eid, _ in entries]
-        every = cfg.learner.checkpoint_every
-        if every and step % every == 0 and step != cfg.pipeline.steps:
-            await self._checkpoint(step)
-        elif not every:
+        if not cfg.learner.checkpoint_every:
             # No checkpoints to roll back to: nothing would ever re-read these entries.
             await self._ack()
         return train, t_train, t_sync

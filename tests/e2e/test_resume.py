@@ -1,10 +1,16 @@
-"""Checkpoint and resume: a run stopped after step 2 and resumed continues exactly where it stopped."""
+"""Ctrl-C, checkpoint and resume: a run interrupted after its step-2 checkpoint, then resumed, draws and
+trains what an uninterrupted run does, and the interrupted run took everything it started down with it."""
 
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pytest
+
+from cluster.run_state import latest_tag
+from tests.e2e.conftest import mlflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -13,23 +19,32 @@ def _history(run_dir):
     return {h["step"]: h for h in json.loads((run_dir / "history.json").read_text())["steps"]}
 
 
-def test_resumed_run_matches_the_uninterrupted_one(rapo, tmp_path):
+def _wait_for_checkpoint(p, checkpoints, tag: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_tag(checkpoints) != tag:
+        assert p.proc.poll() is None, f"the run ended before its {tag} checkpoint:\n{p.output[-3000:]}"
+        assert time.monotonic() < deadline, f"no {tag} checkpoint within {timeout} s:\n{p.output[-3000:]}"
+        time.sleep(0.1)
+
+
+def test_a_run_interrupted_after_a_checkpoint_resumes_as_the_uninterrupted_one(rapo, tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    common = ["learner.num_ranks=2", "learner.zero_stage=3"]
-    a = rapo(
-        "run",
-        "deploy/configs/smoke.yaml",
-        "--output-dir",
-        str(whole),
-        "pipeline.steps=4",
-        "learner.checkpoint_every=2",
-        *common,
-    )
+    common = ["pipeline.steps=4", "learner.checkpoint_every=2", "learner.num_ranks=2", "learner.zero_stage=3"]
+    a = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(whole), *common)
     assert a.wait(timeout=900) == 0, a.output[-3000:]
-    b = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(part), "pipeline.steps=2", *common)
-    assert b.wait(timeout=900) == 0, b.output[-3000:]
-    first_run_id = json.loads((part / "summary.json").read_text())["mlflow_run_id"]
-    c = rapo("run", "deploy/configs/smoke.yaml", "--resume", str(part), "pipeline.steps=4", *common)
+
+    # SIGINT (Ctrl-C) to the CLI, once step 2's checkpoint is complete (`rapo_latest` moves last) and
+    # before step 4's: the steps trained since are lost with the run, their groups are in Redis.
+    b = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(part), *common)
+    _wait_for_checkpoint(b, part / "checkpoints", "step-000002", timeout=600)
+    b.proc.send_signal(signal.SIGINT)
+    assert b.wait(timeout=120) == 130, b.output[-3000:]
+    assert b.group_gone(timeout=60), "processes of the interrupted run are still alive"
+    assert latest_tag(part / "checkpoints") == "step-000002", "the run reached step 4 before the Ctrl-C"
+    interrupted_mlflow_id = json.loads((part / "checkpoints" / "step-000002" / "controller.json").read_text())[
+        "mlflow_run_id"]
+
+    c = rapo("run", "deploy/configs/smoke.yaml", "--resume", str(part), *common)
     assert c.wait(timeout=900) == 0, c.output[-3000:]
     assert "resuming run" in c.output
 
@@ -46,5 +61,7 @@ def test_resumed_run_matches_the_uninterrupted_one(rapo, tmp_path):
     for step in (3, 4):
         for key in ("train/response_tokens", "train/episode_tokens", "learner/entropy", "reward/mean"):
             assert hb[step][key] == pytest.approx(ha[step][key], rel=0.05, abs=1e-6), (step, key)
-    # The resumed run continued the same MLflow run.
-    assert summary["mlflow_run_id"] == first_run_id
+    # The resumed run continued the interrupted run's MLflow run, the only one in its store.
+    assert summary["mlflow_run_id"] == interrupted_mlflow_id
+    client, run = mlflow_run(part, interrupted_mlflow_id)
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [interrupted_mlflow_id]

@@ -76,14 +76,6 @@ def test_misspelt_config_key_fails_before_anything_starts(rapo, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_stops_ray_and_redis(rapo, tmp_path):
-    p = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(tmp_path / "run"), "pipeline.steps=50")
-    p.wait_for_line("mlflow run id", timeout=300)
-    p.proc.send_signal(signal.SIGINT)
-    assert p.wait(timeout=120) == 130
-    assert p.group_gone(timeout=60), "processes of the interrupted run are still alive"
-
-
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
