@@ -21,10 +21,9 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/rapo run deploy/configs/demo.yaml
 
-# TEST_WORKERS=2 runs the suite on two pytest-xdist workers: on 2 cores 19.7 min against 21.9 in one
-# process (same hour), but beside the SmolLM2 run a local Ray can miss Ray's fixed 30 s node start-up
-# limit: one process until that is solved (README, Tests).
-TEST_WORKERS ?= 0
+# The suite runs on two pytest-xdist workers (tests/conftest.py decides what goes where); TEST_WORKERS=0
+# runs it in one process.
+TEST_WORKERS ?= 2
 
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile

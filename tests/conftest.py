@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: _rank(item.path))  # stable: collection order kept within a rank
 
 
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(trylast=True)  # below the durations
+def pytest_terminal_summary(terminalreporter, config):
+    """The whole suite's wall time: pytest's own figure leaves out the SmolLM2 preparation above."""
+    if hasattr(config, "workerinput") or _STARTED not in config.stash:
+        return
+    terminalreporter.write_line(f"suite wall time, SmolLM2 preparation included: "
+                                f"{time.monotonic() - config.stash[_STARTED]:.0f} s")
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: `-p no:xdist` must still run
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` by work unit, in the order above (xdist's own loadgroup marks do not reach
     the scheduler under pytest 9.2: it renames node ids through an attribute pytest no longer reads)."""
@@ -108,6 +122,7 @@ def pytest_configure(config):
     """With workers, the controller builds the SmolLM2 policy of the end-to-end runs (convert and
     warm start, cached per machine) before any worker starts: trained while the other worker runs
     tests, the warm start took 6x as long."""
+    config.stash[_STARTED] = time.monotonic()
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
     if not _selects(config, Path(__file__).parent / "e2e"):
