@@ -379,7 +379,8 @@ def cmd_submit(args) -> int:
 
     cfg = _load(args.config, args.overrides)  # validated here, before anything reaches the cluster
     del cfg
-    job_id = jobs.submit(args.address, args.config, args.overrides, output_dir=args.output_dir, pip=args.pip or None)
+    job_id = jobs.submit(args.address, args.config, args.overrides, output_dir=args.output_dir, pip=args.pip or None,
+                         log=_log)
     _log(f"submitted job {job_id} to {args.address}")
     print(job_id)
     if not args.wait:

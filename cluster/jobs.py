@@ -43,6 +43,26 @@ def runtime_env(pip: list[str] | None = None, env_vars: dict[str, str] | None = 
     return env
 
 
+# A head whose job agent has not registered yet refuses jobs with this (HTTP 500), and Ray says to try
+# again later: a freshly started cluster, or a head node whose cores are busy.
+NO_AGENT_YET = "No available agent to submit job"
+
+
+def submit_when_ready(job_client, wait_s: float = 90.0, poll_s: float = 2.0, log=None, **job) -> str:
+    """`job_client.submit_job(**job)`, tried again while the head has no job agent yet (up to `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return job_client.submit_job(**job)
+        except RuntimeError as e:
+            if NO_AGENT_YET not in str(e) or time.monotonic() + poll_s > deadline:
+                raise
+            if log is not None:
+                log(f"the cluster's job agent is not up yet; trying again for up to {wait_s:.0f} s")
+                log = None
+            time.sleep(poll_s)
+
+
 def submit(
     address: str,
     config: str,
@@ -52,8 +72,11 @@ def submit(
     pip: list[str] | None = None,
     env_vars: dict[str, str] | None = None,
     submission_id: str | None = None,
+    log=None,
 ) -> str:
-    return client(address).submit_job(
+    return submit_when_ready(
+        client(address),
+        log=log,
         entrypoint=entrypoint(config, overrides, output_dir),
         runtime_env=runtime_env(pip, env_vars),
         submission_id=submission_id,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster import jobs
 from cluster.redis_server import free_port
 from tests.e2e.conftest import REPO, stop_ray_node
 
@@ -62,6 +63,13 @@ def ray_head():
             pass
         assert head.poll() is None and time.monotonic() < deadline, "ray head did not start"
         time.sleep(1)
+    # The dashboard answers before the head's job agent is up, and until then jobs are refused ("No
+    # available agent"): `rapo submit` waits for it, `ray job submit` does not. One no-op job first.
+    probe = jobs.client(url)
+    probe_id = jobs.submit_when_ready(probe, wait_s=120, entrypoint="true")
+    while getattr(status := probe.get_job_status(probe_id), "value", status) not in jobs.TERMINAL:
+        assert time.monotonic() < deadline + 120, "the ray head's first job did not finish"
+        time.sleep(0.5)
     yield url
     stop_ray_node(head)
     shutil.rmtree(temp, ignore_errors=True)
