@@ -168,3 +168,34 @@ def test_streamed_buckets_through_vllms_protocol_match_the_learner(engine, train
     assert engine.version == 7
     fresh = _generate(engine, loop, tokenizer, seed=400)
     assert _max_gap(trainer, fresh) < 1e-4
+
+
+def test_requests_running_across_weight_pushes_all_finish(engine, trainer, loop, tokenizer, tmp_path):
+    """Asynchronous RL pushes weights while episodes generate: the push freezes running requests
+    (pause "keep") and preempts them to recompute under the new weights. All of them must finish,
+    some under a later version than they started with."""
+    path = tmp_path / "policy.safetensors"
+    trainer.export_weights(path, "float32")
+    prompts = [
+        tokenizer.encode(f"<|im_start|>user\nStory {i}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        for i in range(16)
+    ]
+    base = engine.version
+
+    async def run():
+        gens = [
+            asyncio.ensure_future(
+                engine.generate(p, SamplingConfig(max_tokens=900, temperature=1.0, seed=500 + i), f"span-{i}"))
+            for i, p in enumerate(prompts)
+        ]
+        for v in (1, 2):
+            await asyncio.sleep(0.3)
+            await engine.load_weights(str(path), version=base + v)
+        # A request lost by the engine across a push would hang its episode (and its group) for good.
+        return await asyncio.wait_for(asyncio.gather(*gens), timeout=300)
+
+    outs = loop.run_until_complete(run())
+    assert engine.version == base + 2
+    assert all(0 < len(o.token_ids) == len(o.logprobs) for o in outs)
+    spanned = [o for o in outs if o.version_end > o.version_start]
+    assert spanned, "no request ran across a push: the pushes came too late to test anything"
