@@ -46,6 +46,10 @@ def ray_head():
             "--num-cpus=4",
             f"--temp-dir={temp}",
             "--include-dashboard=true",
+            # Every Ray node's dashboard agent takes 52365 unless told otherwise. While another test's
+            # private Ray held it, this head's agent never came up and the head refused every job
+            # ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={free_port()}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -63,8 +67,8 @@ def ray_head():
             pass
         assert head.poll() is None and time.monotonic() < deadline, "ray head did not start"
         time.sleep(1)
-    # The dashboard answers before the head's job agent is up, and until then jobs are refused ("No
-    # available agent"): `rapo submit` waits for it, `ray job submit` does not. One no-op job first.
+    # The dashboard answers before the head's job agent is up, and until then jobs are refused:
+    # `rapo submit` waits for it, `ray job submit` does not. One no-op job first.
     probe = jobs.client(url)
     probe_id = jobs.submit_when_ready(probe, wait_s=120, entrypoint="true")
     while getattr(status := probe.get_job_status(probe_id), "value", status) not in jobs.TERMINAL:
