@@ -77,11 +77,11 @@ def _rank(path: Path) -> int:
     return len(ORDER)
 
 
-def _selects(config, folder: Path) -> bool:
-    """Whether the command line's paths take in any test of `folder`."""
+def _selects(config, target: Path) -> bool:
+    """Whether the command line's paths take in any test of `target` (a folder or a file)."""
     for arg in config.args:
         path = Path(arg.split("::")[0]).resolve()
-        if folder.is_relative_to(path) or path.is_relative_to(folder):
+        if target.is_relative_to(path) or path.is_relative_to(target):
             return True
     return False
 
@@ -119,13 +119,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_configure(config):
-    """With workers, the controller builds the SmolLM2 policy of the end-to-end runs (convert and
-    warm start, cached per machine) before any worker starts: trained while the other worker runs
-    tests, the warm start took 6x as long."""
+    """With workers, the controller builds the SmolLM2 policy of the judged run (convert and warm
+    start, cached per machine) before any worker starts, when a file of that run is selected: trained
+    while the other worker runs tests, the warm start took 6x as long."""
     config.stash[_STARTED] = time.monotonic()
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
-    if not _selects(config, Path(__file__).parent / "e2e"):
+    e2e = Path(__file__).parent / "e2e"
+    if not any(_selects(config, e2e / name) for name, unit in SHARED_RUNS.items() if unit == "judged-run"):
         return
     import subprocess
     import sys
@@ -135,5 +136,5 @@ def pytest_configure(config):
     command = [sys.executable, "-m", "cluster.cli", "init-model", "deploy/configs/smoke.yaml", *SMOLLM2_POLICY]
     capture = config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print("\nthe end-to-end runs' SmolLM2 policy (built once per machine):", flush=True)
+        print("\nthe judged run's SmolLM2 policy (built once per machine):", flush=True)
         subprocess.run(command, cwd=REPO, check=True)
