@@ -57,6 +57,15 @@ def ray_head():
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
+    try:  # a head that never got ready is stopped too
+        _wait_until_it_takes_jobs(head, url)
+        yield url
+    finally:
+        stop_ray_node(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_until_it_takes_jobs(head: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -74,9 +83,6 @@ def ray_head():
     while getattr(status := probe.get_job_status(probe_id), "value", status) not in jobs.TERMINAL:
         assert time.monotonic() < deadline + 120, "the ray head's first job did not finish"
         time.sleep(0.5)
-    yield url
-    stop_ray_node(head)
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _rapo(*args: str, timeout: float) -> subprocess.CompletedProcess:
