@@ -50,7 +50,7 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-# How the suite spreads over pytest-xdist workers (`make test TEST_WORKERS=2`: `-n 2 --dist loadfile`):
+# How the suite spreads over pytest-xdist workers (`make test` runs `-n 2 --dist loadfile`):
 # each file is one unit of work (its module fixtures run once), files that share a session
 # fixture are one unit (each worker would otherwise start that run itself), and units go out in
 # the order below.

@@ -78,9 +78,8 @@ def _wait_until_it_takes_jobs(head: subprocess.Popen, url: str) -> None:
         time.sleep(1)
     # The dashboard answers before the head's job agent is up, and until then jobs are refused:
     # `rapo submit` waits for it, `ray job submit` does not. One no-op job first.
-    probe = jobs.client(url)
-    probe_id = jobs.submit_when_ready(probe, wait_s=120, entrypoint="true")
-    while getattr(status := probe.get_job_status(probe_id), "value", status) not in jobs.TERMINAL:
+    probe_id = jobs.submit_when_ready(jobs.client(url), wait_s=120, entrypoint="true")
+    while jobs.job_status(url, probe_id)["status"] not in jobs.TERMINAL:
         assert time.monotonic() < deadline + 120, "the ray head's first job did not finish"
         time.sleep(0.5)
 
