@@ -45,6 +45,11 @@ ACTOR_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "1",
+    # libgomp's idle threads spin about 300k times before they sleep. Where two OpenMP processes share
+    # the cores (vLLM decoding while the learner trains, on one machine), each then spins on the
+    # cores the other needs: two small-op torch processes at once ran 5x slower than one, instead of
+    # 2x (bench/omp_spin.py). 300 spins keeps a lone process's speed.
+    "GOMP_SPINCOUNT": "300",
 }
 
 
@@ -183,7 +188,8 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = False, log=print) -> tuple[bo
 
     # Variables a submitted job already sets stay its own: Ray refuses to merge two values of one key.
     taken = _job_env_keys()
-    env = {"env_vars": {k: v for k, v in ACTOR_ENV.items() if k not in taken}}
+    # The CLI sets these defaults in its own environment (where a user's value wins); actors get the same.
+    env = {"env_vars": {k: os.environ.get(k, v) for k, v in ACTOR_ENV.items() if k not in taken}}
     address, why = ray_target(cfg)
     if address:
         info = ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=log_to_driver)

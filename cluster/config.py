@@ -313,6 +313,9 @@ class PipelineConfig(Section):
     questions_per_step: int = Field(4, ge=1)
     samples_per_question: int = Field(4, ge=2, description="n rollouts per question (the GRPO group)")
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at start and end)")
+    eval_at_start: bool = Field(
+        True, description="held-out eval of the starting policy before step 1 (summary's accuracy_initial)"
+    )
     eval_temperature: float = Field(
         0.6, ge=0, description="sampling temperature of held-out evals (the paper evaluates at 0.6; 0 is greedy)"
     )

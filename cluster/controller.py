@@ -260,13 +260,13 @@ class Controller:
     async def run(self) -> dict:
         cfg = self.cfg
         try:
-            if not self.state.evals:
+            if not self.state.evals and cfg.pipeline.eval_at_start:
                 self.phase = "evaluating (initial)"
                 await self._evaluate(0)
             if self.state.step < cfg.pipeline.steps:
                 await self._pipeline()
             self.finishing = True
-            if self.state.evals[-1]["step"] != self.state.step:
+            if not self.state.evals or self.state.evals[-1]["step"] != self.state.step:
                 self.phase = "evaluating (final)"
                 await self._evaluate(self.state.step)
             await self._checkpoint(self.state.step)

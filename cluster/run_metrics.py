@@ -126,8 +126,10 @@ def run_summary(cfg: RunConfig, state: RunState, *, status: str, run_id: str, en
                 precision: dict[str, str] | None = None) -> dict[str, Any]:
     """summary.json: what the run did, its accuracy before and after, and its group bookkeeping."""
     n = cfg.pipeline.samples_per_question
-    first = state.evals[0] if state.evals else {}
-    final = state.evals[-1] if len(state.evals) > 1 else {}
+    evals = state.evals
+    # The starting policy's eval is step 0's (none with pipeline.eval_at_start false); the final is a later one.
+    first = evals[0] if evals and evals[0]["step"] == 0 else {}
+    final = evals[-1] if evals and evals[-1]["step"] > 0 else {}
     steps, c = state.history, state.counts
     # Every admitted group is trained, dropped as stale (and re-admitted), dropped after its episodes
     # failed every re-run, still queued or running at the end; anything else was lost.

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from cluster.bootstrap import ACTOR_ENV
+
+# What the CLI sets for itself and its actors, for the tests that run the pieces in-process too. Before
+# any torch import: libgomp reads GOMP_SPINCOUNT as it loads.
+for _key, _value in ACTOR_ENV.items():
+    os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

@@ -222,7 +222,7 @@ def judged_run(tmp_path_factory) -> Iterator[JudgedRun]:
         with server as srv:
             p = RapoProcess([
                 "run", "deploy/configs/smoke.yaml", "--output-dir", str(out),
-                f"pipeline.steps={spec.STEPS}", *SMOLLM2_POLICY, "rewards.stage=2",
+                f"pipeline.steps={spec.STEPS}", *SMOLLM2_POLICY, "rewards.stage=2", "pipeline.eval_at_start=false",
                 f"rewards.num_actors={spec.ACTORS}", f"rewards.max_in_flight_per_actor={spec.PER_ACTOR}",
                 f"rewards.judge.base_url={srv.base_url}", f"rewards.judge.model={srv.model}",
                 f"rewards.judge.api_key_env={spec.KEY_ENV}", "rewards.judge.max_retries=1",

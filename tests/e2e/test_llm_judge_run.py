@@ -27,9 +27,9 @@ from tests.servers.openai_server import MALFORMED
 
 pytestmark = pytest.mark.slow
 
-# One RL step (each SmolLM2 step costs about a minute on 2 cores): the judge counts are cumulative
-# from the initial held-out eval on, whose judgements are the first requests and meet the planned
-# failures below, so step 1 already shows retries and fallbacks.
+# One RL step (each SmolLM2 step costs about a minute on 2 cores), and no eval before it
+# (pipeline.eval_at_start=false: test_eval compares the final one): step 1's judgements are the
+# first requests and meet the planned failures below, so step 1 already shows retries and fallbacks.
 STEPS = 1
 LATENCY_S = 0.05
 KEY_ENV = "RAPO_E2E_JUDGE_KEY"

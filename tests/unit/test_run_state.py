@@ -105,3 +105,25 @@ def test_a_pending_group_keeps_its_failures_through_a_checkpoint():
     old = state.to_dict()
     old["in_flight"] = [{"group_id": "g8", "question_id": "q1", "epoch": 1}]
     assert RunState.from_dict(old).in_flight[0].failures == 0
+
+
+def _summary_with_evals(evals: list[dict]) -> dict:
+    state = _state()
+    state.evals = evals
+    return run_summary(
+        RunConfig(), state, status="completed", run_id="r", engine_kind="simulated", fleet_size=1, worker_restarts=0,
+        eval_questions=4, replay_stored=0, judge_stats={}, judge_tally=Counter(), pruned_questions=0,
+        left_queued=0, running=0, requeued=0, wall_time_s=1.0, model_dir="m", model_source="path", errors=[],
+    )
+
+
+def test_initial_and_final_accuracy_come_from_step_0_and_a_later_eval_only():
+    start, mid, end = ({"step": s, "eval/accuracy": a} for s, a in ((0, 0.25), (2, 0.5), (4, 0.75)))
+    both = _summary_with_evals([start, mid, end])
+    assert (both["accuracy_initial"], both["accuracy_final"]) == (0.25, 0.75)
+    # pipeline.eval_at_start false: the final eval is not taken for the starting policy's.
+    no_start = _summary_with_evals([mid, end])
+    assert (no_start["accuracy_initial"], no_start["accuracy_final"]) == (None, 0.75)
+    # Stopped before step 1: the starting policy's eval is not a final one.
+    stopped = _summary_with_evals([start])
+    assert (stopped["accuracy_initial"], stopped["accuracy_final"]) == (0.25, None)
