@@ -60,13 +60,13 @@ def redis_server(tmp_path_factory):
 # the order below.
 SHARED_RUNS = {
     "test_llm_judge_run.py": "judged-run", "test_eval.py": "judged-run",
-    "test_smoke_run.py": "smoke-run", "test_dashboard_metrics.py": "smoke-run",
+    "test_smoke_run.py": "smoke-run", "test_dashboard_metrics.py": "smoke-run", "test_resume.py": "smoke-run",
 }
 # The longest unit first (the SmolLM2 run); while it trains, the other worker takes the unit and
 # integration tests, which mostly use one thread, then both take the other runs, longest first.
 # Two heavy multi-threaded runs at once slow each other far more than twice.
-ORDER = ["judged-run", "unit", "integration", "e2e/test_resume.py", "e2e/test_two_nodes.py",
-         "e2e/test_fault_tolerance.py", "smoke-run", "e2e/test_submit.py", "e2e/test_hostile_run.py"]
+ORDER = ["judged-run", "unit", "integration", "smoke-run", "e2e/test_two_nodes.py",
+         "e2e/test_fault_tolerance.py", "e2e/test_submit.py", "e2e/test_hostile_run.py"]
 
 
 def work_unit(path: str | Path) -> str:

@@ -157,6 +157,9 @@ def mlflow_run(output_dir: Path, run_id: str):
 # The shared smoke run: long enough to watch live (dashboard, metrics endpoint, two policy versions
 # after the first metrics), with periodic evals that are not also the final one.
 SMOKE_STEPS, SMOKE_EVAL_EVERY = 12, 5
+# Its learner as test_resume interrupts and resumes one: two ranks of sharded (ZeRO-3) state,
+# checkpointed every 2 steps. The smoke run is test_resume's uninterrupted run.
+SMOKE_LEARNER = ["learner.num_ranks=2", "learner.zero_stage=3", "learner.checkpoint_every=2"]
 
 
 @dataclass
@@ -171,12 +174,13 @@ class FinishedRun:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Iterator[FinishedRun]:
     """One `rapo run deploy/configs/smoke.yaml` shared by the tests that only read what it showed while it
-    ran and what it left (test_smoke_run, test_dashboard_metrics): one start-up and one run instead of two."""
+    ran and what it left (test_smoke_run, test_dashboard_metrics, and test_resume's uninterrupted run):
+    one start-up and one run instead of three."""
     from tests.e2e.live_run import METRICS_ENV, observe
 
     out = tmp_path_factory.mktemp("smoke") / "run"
     p = RapoProcess(["run", "deploy/configs/smoke.yaml", "--output-dir", str(out), f"pipeline.steps={SMOKE_STEPS}",
-                     f"pipeline.eval_every={SMOKE_EVAL_EVERY}"], env=METRICS_ENV)
+                     f"pipeline.eval_every={SMOKE_EVAL_EVERY}", *SMOKE_LEARNER], env=METRICS_ENV)
     try:
         live = observe(out, p, SMOKE_STEPS)
         code = p.wait(timeout=900)
@@ -222,7 +226,8 @@ def judged_run(tmp_path_factory) -> Iterator[JudgedRun]:
         with server as srv:
             p = RapoProcess([
                 "run", "deploy/configs/smoke.yaml", "--output-dir", str(out),
-                f"pipeline.steps={spec.STEPS}", *SMOLLM2_POLICY, "rewards.stage=2", "pipeline.eval_at_start=false",
+                f"pipeline.steps={spec.STEPS}", f"pipeline.samples_per_question={spec.SAMPLES}", *SMOLLM2_POLICY,
+                "rewards.stage=2",
                 f"rewards.num_actors={spec.ACTORS}", f"rewards.max_in_flight_per_actor={spec.PER_ACTOR}",
                 f"rewards.judge.base_url={srv.base_url}", f"rewards.judge.model={srv.model}",
                 f"rewards.judge.api_key_env={spec.KEY_ENV}", "rewards.judge.max_retries=1",

@@ -27,10 +27,11 @@ from tests.servers.openai_server import MALFORMED
 
 pytestmark = pytest.mark.slow
 
-# One RL step (each SmolLM2 step costs about a minute on 2 cores), and no eval before it
-# (pipeline.eval_at_start=false: test_eval compares the final one): step 1's judgements are the
-# first requests and meet the planned failures below, so step 1 already shows retries and fallbacks.
-STEPS = 1
+# One RL step of 2 questions x 2 samples (SmolLM2 trains about 100 tokens/s on 2 cores): the judge
+# counts are cumulative from the initial held-out eval on, whose judgements are the first requests
+# and meet the planned failures below, so step 1 already shows retries and fallbacks. (Without that
+# eval, the planned failures took every answer judgement of the step: no verdict from the LLM.)
+STEPS, SAMPLES = 1, 2
 LATENCY_S = 0.05
 KEY_ENV = "RAPO_E2E_JUDGE_KEY"
 # Reward actors x trajectories each scores at once: the most judgements that can be in flight.

@@ -1,5 +1,8 @@
 """Ctrl-C, checkpoint and resume: a run interrupted after its step-2 checkpoint, then resumed, draws and
-trains what an uninterrupted run does, and the interrupted run took everything it started down with it."""
+trains what an uninterrupted run does, and the interrupted run took everything it started down with it.
+
+The uninterrupted run is the shared smoke run (tests/e2e/conftest.py: smoke_run), whose learner is
+configured as here (SMOKE_LEARNER): its first four steps are the reference."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 import pytest
 
 from cluster.run_state import latest_tag
-from tests.e2e.conftest import mlflow_run
+from tests.e2e.conftest import SMOKE_EVAL_EVERY, SMOKE_LEARNER, mlflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +30,12 @@ def _wait_for_checkpoint(p, checkpoints, tag: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def test_a_run_interrupted_after_a_checkpoint_resumes_as_the_uninterrupted_one(rapo, tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    common = ["pipeline.steps=4", "learner.checkpoint_every=2", "learner.num_ranks=2", "learner.zero_stage=3"]
-    a = rapo("run", "deploy/configs/smoke.yaml", "--output-dir", str(whole), *common)
-    assert a.wait(timeout=900) == 0, a.output[-3000:]
+def test_a_run_interrupted_after_a_checkpoint_resumes_as_the_uninterrupted_one(smoke_run, rapo, tmp_path):
+    whole, part = smoke_run.out, tmp_path / "part"
+    assert smoke_run.code == 0, smoke_run.output[-3000:]
+    # The smoke run's config, 4 steps (its first eval after step 0 comes after step 4).
+    assert SMOKE_EVAL_EVERY > 4
+    common = ["pipeline.steps=4", f"pipeline.eval_every={SMOKE_EVAL_EVERY}", *SMOKE_LEARNER]
 
     # SIGINT (Ctrl-C) to the CLI, once step 2's checkpoint is complete (`rapo_latest` moves last) and
     # before step 4's: the steps trained since are lost with the run, their groups are in Redis.

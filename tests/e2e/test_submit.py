@@ -134,7 +134,9 @@ def test_bad_config_is_refused_before_submission(ray_head):
 
 def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
     """Ray's own CLI, no ray.address in the config: the job's `rapo run` must join this cluster
-    (RAY_ADDRESS, set by Ray Jobs), not start a private Ray whose workers cannot fetch the job's files."""
+    (RAY_ADDRESS, set by Ray Jobs), not start a private Ray whose workers cannot fetch the job's files.
+    Where the run goes is the point here, so its engine and learner are the simulated ones (their actors
+    still load the job's files); test_submit_wait_then_status runs vLLM and DeepSpeed in a job."""
     from ray.util.state import list_actors
 
     from cluster.jobs import UPLOAD_EXCLUDES
@@ -163,6 +165,9 @@ def test_ray_job_submit_runs_on_the_submitting_cluster(ray_head, tmp_path):
             "run",
             "deploy/configs/smoke.yaml",
             "pipeline.steps=1",
+            "rollout.engine=simulated",
+            "learner.backend=simulated",
+            "learner.sim_step_s=0",
             "--output-dir",
             str(out),
         ],
