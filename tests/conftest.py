@@ -62,9 +62,9 @@ SHARED_RUNS = {
     "test_llm_judge_run.py": "judged-run", "test_eval.py": "judged-run",
     "test_smoke_run.py": "smoke-run", "test_dashboard_metrics.py": "smoke-run", "test_resume.py": "smoke-run",
 }
-# The longest unit first (the SmolLM2 run); while it trains, the other worker takes the unit and
-# integration tests, which mostly use one thread, then both take the other runs, longest first.
-# Two heavy multi-threaded runs at once slow each other far more than twice.
+# The longest unit first (the SmolLM2 run, its policy built first); while it trains, the other worker
+# takes the unit and integration tests, which mostly use one thread, then both take the other runs,
+# longest first.
 ORDER = ["judged-run", "unit", "integration", "smoke-run", "e2e/test_two_nodes.py",
          "e2e/test_fault_tolerance.py", "e2e/test_submit.py", "e2e/test_hostile_run.py"]
 
@@ -79,15 +79,6 @@ def _rank(path: Path) -> int:
         if unit in ORDER:
             return ORDER.index(unit)
     return len(ORDER)
-
-
-def _selects(config, target: Path) -> bool:
-    """Whether the command line's paths take in any test of `target` (a folder or a file)."""
-    for arg in config.args:
-        path = Path(arg.split("::")[0]).resolve()
-        if target.is_relative_to(path) or path.is_relative_to(target):
-            return True
-    return False
 
 
 def pytest_collection_modifyitems(config, items):
@@ -123,22 +114,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_configure(config):
-    """With workers, the controller builds the SmolLM2 policy of the judged run (convert and warm
-    start, cached per machine) before any worker starts, when a file of that run is selected: trained
-    while the other worker runs tests, the warm start took 6x as long."""
+    """The suite's clock starts here. The judged run builds its SmolLM2 policy itself (convert and
+    warm start, cached per machine), while the other worker runs the unit and integration tests: with
+    GOMP_SPINCOUNT set above, the two share the cores instead of spinning against each other (the
+    warm start once took 6x as long beside other tests, so it used to be built before the workers)."""
     config.stash[_STARTED] = time.monotonic()
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        return
-    e2e = Path(__file__).parent / "e2e"
-    if not any(_selects(config, e2e / name) for name, unit in SHARED_RUNS.items() if unit == "judged-run"):
-        return
-    import subprocess
-    import sys
-
-    from tests.e2e.conftest import REPO, SMOLLM2_POLICY
-
-    command = [sys.executable, "-m", "cluster.cli", "init-model", "deploy/configs/smoke.yaml", *SMOLLM2_POLICY]
-    capture = config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\nthe judged run's SmolLM2 policy (built once per machine):", flush=True)
-        subprocess.run(command, cwd=REPO, check=True)

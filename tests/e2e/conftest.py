@@ -20,9 +20,12 @@ from cluster.redis_server import free_port
 REPO = Path(__file__).resolve().parents[2]
 # SmolLM2 warm-started as deploy/configs/demo.yaml does (one cache entry, built once per machine):
 # smoke.yaml's random-init model never calls a tool nor answers, so tests that need real
-# episodes (tool calls, answers to judge, episodes that differ) run this policy on smoke.yaml.
+# episodes (tool calls, answers to judge, episodes that differ) run this policy on smoke.yaml, with
+# the demo's episode length (4 tool calls at most) and learner settings for CPUs (padded micro-batches
+# of 2, no activation checkpointing; smoke.yaml packs, for its tiny model, the path GPUs take).
 SMOLLM2_POLICY = ["model.source=smollm2", "model.warm_start.steps=5", "model.warm_start.hops=[1,2]",
-                  "data.demo.countries=120", "learner.kl_coef=0"]
+                  "data.demo.countries=120", "learner.kl_coef=0", "rollout.max_tool_calls=4",
+                  "learner.packing=auto", "learner.micro_batch_size=2", "learner.gradient_checkpointing=false"]
 
 
 def group_alive(pgid: int) -> bool:
