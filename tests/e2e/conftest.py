@@ -220,7 +220,7 @@ def judged_run(tmp_path_factory) -> Iterator[JudgedRun]:
     # that it can be searched too. Short: Ray's unix socket paths live under it.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
     server = OpenAITestServer(
-        api_key=key, latency_s=spec.LATENCY_S, faults=[MALFORMED] * spec.PLANNED_FAILURES,
+        api_key=key, latency_s=spec.LATENCY_S, first_request_faults=[MALFORMED] * spec.PLANNED_FAILURES,
         # Then at random: HTTP 429/500, prose or broken JSON, a wrong number of labels.
         error_rate=0.15, malformed_rate=0.1, wrong_count_rate=0.1, seed=7,
     )
@@ -230,10 +230,10 @@ def judged_run(tmp_path_factory) -> Iterator[JudgedRun]:
             p = RapoProcess([
                 "run", "deploy/configs/smoke.yaml", "--output-dir", str(out),
                 f"pipeline.steps={spec.STEPS}", f"pipeline.samples_per_question={spec.SAMPLES}", *SMOLLM2_POLICY,
-                "rewards.stage=2",
+                "rewards.stage=2", "pipeline.eval_at_start=false",
                 f"rewards.num_actors={spec.ACTORS}", f"rewards.max_in_flight_per_actor={spec.PER_ACTOR}",
                 f"rewards.judge.base_url={srv.base_url}", f"rewards.judge.model={srv.model}",
-                f"rewards.judge.api_key_env={spec.KEY_ENV}", "rewards.judge.max_retries=1",
+                f"rewards.judge.api_key_env={spec.KEY_ENV}", f"rewards.judge.max_retries={spec.MAX_RETRIES}",
                 "rewards.judge.timeout_s=10", "rewards.judge.backoff_base_s=0.02", "rewards.judge.backoff_max_s=0.1",
             ], env={spec.KEY_ENV: key, "RAY_TMPDIR": str(ray_tmp)})
             code = p.wait(timeout=1200)

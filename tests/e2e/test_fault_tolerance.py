@@ -23,7 +23,7 @@ from rollout.weight_wire import SHM_DIR, SHM_PREFIX
 from tests.e2e.conftest import RapoProcess, mlflow_run
 
 pytestmark = pytest.mark.slow
-STEPS = 10
+STEPS = 8
 
 
 def _read(path: Path) -> dict:

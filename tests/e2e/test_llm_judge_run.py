@@ -27,20 +27,20 @@ from tests.servers.openai_server import MALFORMED
 
 pytestmark = pytest.mark.slow
 
-# One RL step of 2 questions x 2 samples (SmolLM2 trains about 100 tokens/s on 2 cores): the judge
-# counts are cumulative from the initial held-out eval on, whose judgements are the first requests
-# and meet the planned failures below, so step 1 already shows retries and fallbacks. (Without that
-# eval, the planned failures took every answer judgement of the step: no verdict from the LLM.)
+# One RL step of 2 questions x 2 samples (SmolLM2 trains about 100 tokens/s on 2 cores), no held-out
+# eval before it (pipeline.eval_at_start=false): the judge's first requests are the step's own.
 STEPS, SAMPLES = 1, 2
 LATENCY_S = 0.05
 KEY_ENV = "RAPO_E2E_JUDGE_KEY"
 # Reward actors x trajectories each scores at once: the most judgements that can be in flight.
 ACTORS, PER_ACTOR = 2, 4
-# With one retry per judgement, a judgement falls back when both its attempts fail. If the first
-# ACTORS*PER_ACTOR + 1 requests all fail, some judgement made both of its attempts among them
-# (otherwise that many judgements would have been in flight at once), so the run has at least
-# one fallback and one retry whatever the order the requests arrive in.
-PLANNED_FAILURES = ACTORS * PER_ACTOR + 1
+# With one retry per judgement, a judgement falls back when both its attempts fail. The server fails
+# the first request and its retry (it knows a retry by its body), whatever arrives in between: step 1
+# has at least one retry and one fallback, and its other judgements meet only the random faults.
+# (Failing the first ACTORS*PER_ACTOR + 1 requests, whatever they were, also forces a fallback, but
+# took every answer judgement of a 4-episode step: no verdict from the LLM.)
+MAX_RETRIES = 1
+PLANNED_FAILURES = MAX_RETRIES + 1
 
 
 def _files(root: Path):

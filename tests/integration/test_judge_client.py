@@ -258,6 +258,28 @@ def test_when_every_attempt_fails_the_rule_path_answers_and_is_counted():
     assert stats.fallbacks == 2 and stats.failures["http_5xx"] == 6 and stats.retries == 4 and stats.successes == 0
 
 
+def test_faults_planned_for_the_first_request_follow_its_retries_alone():
+    # What the LLM-judge e2e run relies on for a fallback whatever the order requests arrive in:
+    # both attempts of the first judgement fail, while the other judgements in flight beside it
+    # (here, with the server's latency, all four at once) get answers.
+    with OpenAITestServer(latency_s=0.05, first_request_faults=["malformed", "malformed"]) as srv:
+
+        async def use(client):
+            return await asyncio.gather(
+                *(client.judge_answer(QUESTION, ["1867"], answer) for answer in ("1867", "1868", "1869")),
+                client.label_steps(QUESTION, CALLS),
+            )
+
+        outcomes, stats = run_client(settings_for(srv, max_retries=1), use)
+        faults = [r.fault for r in srv.requests]
+    assert sorted(o.source for o in outcomes) == ["llm", "llm", "llm", "rule"]
+    failed = next(o for o in outcomes if o.source == "rule")
+    assert (failed.fallback, failed.attempts) == (True, 2) and "invalid_reply" in failed.error
+    assert all(o.attempts == 1 for o in outcomes if o is not failed)
+    assert sorted(faults) == ["malformed", "malformed", "ok", "ok", "ok"]
+    assert stats.fallbacks == 1 and stats.retries == 1
+
+
 def test_without_a_fallback_a_failed_judgement_raises():
     with OpenAITestServer(malformed_rate=1.0) as srv, pytest.raises(JudgeUnavailableError, match="invalid_reply"):
         run_client(

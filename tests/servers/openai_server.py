@@ -5,7 +5,8 @@ responder actually judges: it reads the JSON case that rewards.judge_client embe
 prompts and answers with the rule judge / rule labeller, so the LLM path and the rule path
 agree whenever nothing is injected. Faults (HTTP errors with Retry-After, hangs past the
 client's timeout, prose or broken JSON, a wrong number of labels) come from a fixed plan for
-the first requests, then at random with the given rates and seed. Every request is recorded,
+the first requests (`faults`) or for the first request and its retries (`first_request_faults`),
+then at random with the given rates and seed. Every request is recorded,
 and the number of chat requests in flight is tracked, for assertions.
 
     with OpenAITestServer(latency_s=0.05) as srv:      # background thread with its own loop
@@ -117,6 +118,7 @@ class OpenAITestServer:
         retry_after_s: float | None = None,
         hang_s: float = 30.0,
         faults: Sequence[str] = (),
+        first_request_faults: Sequence[str] = (),
         model: str = "rapo-test-judge",
     ):
         rates = {
@@ -132,7 +134,7 @@ class OpenAITestServer:
             raise ValueError(f"the fault rates add up to {sum(rates.values()):g}; they must add up to at most 1")
         if error_rate > 0 and not error_codes:
             raise ValueError("error_rate > 0 needs at least one status code in error_codes")
-        for fault in faults:
+        for fault in (*faults, *first_request_faults):
             if fault not in (OK, TIMEOUT, MALFORMED, WRONG_COUNT, DEEP_BODY) and not (
                 fault.startswith("http_") and fault[5:].isdigit()
             ):
@@ -149,6 +151,11 @@ class OpenAITestServer:
         self.model = model
         self._api_key = api_key
         self._faults = list(faults)
+        # Served to the first chat request and to every later request with the same body (a client's
+        # retries of it), whatever arrives in between: N faults here make that one judgement fail N
+        # attempts in a row, however many requests are in flight.
+        self._first_faults = list(first_request_faults)
+        self._first_body: str | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._records: list[RecordedRequest] = []
@@ -280,8 +287,14 @@ class OpenAITestServer:
                 RecordedRequest(request.method, request.path, at, bearer, authorized, task, fault, status, body)
             )
 
-    def _next_fault(self) -> str:
+    def _next_fault(self, body: Mapping[str, Any]) -> str:
         with self._lock:
+            if self._first_faults:
+                key = json.dumps(body, sort_keys=True)
+                if self._first_body is None:
+                    self._first_body = key
+                if key == self._first_body:
+                    return self._first_faults.pop(0)
             if self._faults:
                 return self._faults.pop(0)
             r = self._rng.random()
@@ -344,7 +357,7 @@ class OpenAITestServer:
                 request, bearer=bearer, authorized=True, task=None, fault=OK, status=400, body=body, at=arrived
             )
             return self._error(400, "the body must be a JSON object with a 'messages' list")
-        fault = self._next_fault()
+        fault = self._next_fault(body)
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
         if fault == TIMEOUT:
