@@ -12,6 +12,8 @@ Arms (all from the same warm-started policy of each world seed, same steps, same
 GRPO and RAPO run on every world seed (``--seeds``, default 3), the other arms on the first.
 Held-out accuracy is measured on ``--eval-size`` (default 128) questions at temperature 0
 (greedy: the eval's only noise is which questions were drawn) every ``--eval-every`` steps.
+The starting policy is evaluated once per seed; that seed's other arms reuse the step-0 eval
+(the stage-2 arm excepted: it needs its own start's tool-call labels).
 Per arm: mean accuracy over seeds with a 95% confidence interval (Student t over seeds when
 there are two or more, else the Wilson interval of the one run's 128 answers), response
 tokens and tool calls per episode, replay injections, pruned questions, and the share of
@@ -56,6 +58,11 @@ ARMS: dict[str, tuple[str, ...]] = {
     "stage2": ("learner.algorithm=rapo", "rewards.stage=2"),
 }
 MULTI_SEED_ARMS = ("grpo", "rapo")
+# Every arm of a world seed starts from the same warm-started policy, so one run per seed evaluates
+# it at step 0 and the others reuse that eval (a 128-question greedy eval is ~3.5 min on 2 cores).
+# The stage-2 arm evaluates its own start: only stage 2 labels the eval's tool calls, and its
+# "before" label shares need those labels.
+OWN_INITIAL_EVAL_ARMS = ("stage2",)
 REDUNDANT_LABELS = ("REDUNDANTSEARCH", "REDUNDANTQUERY")
 # Two-sided 95% Student t quantiles by degrees of freedom (beyond 30 the normal's 1.96 is close enough).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -81,6 +88,28 @@ def expand_arms(arms: list[str], seeds: list[int]) -> list[RunSpec]:
     if not seeds:
         raise ValueError("give at least one world seed")
     return [RunSpec(a, s, ARMS[a]) for a in arms for s in (seeds if a in MULTI_SEED_ARMS else seeds[:1])]
+
+
+def initial_eval_sources(specs: list[RunSpec]) -> dict[RunSpec, RunSpec | None]:
+    """For each run, the earlier run of its seed whose step-0 eval it reuses; None: it evaluates its start."""
+    first: dict[int, RunSpec] = {}
+    out: dict[RunSpec, RunSpec | None] = {}
+    for spec in specs:
+        if spec.arm in OWN_INITIAL_EVAL_ARMS or spec.seed not in first:
+            out[spec] = None
+            if spec.arm not in OWN_INITIAL_EVAL_ARMS:
+                first[spec.seed] = spec
+        else:
+            out[spec] = first[spec.seed]
+    return out
+
+
+def with_initial_eval(run: dict, source: dict) -> dict:
+    """A run that skipped its step-0 eval, completed with ``source``'s (the same starting policy's)."""
+    if run["acc_initial"] is not None:
+        return run
+    return {**run, "acc_initial": source["acc_initial"], "curve": [source["curve"][0], *run["curve"]],
+            **{f"{lab}_before": source[f"{lab}_before"] for lab in REDUNDANT_LABELS}}
 
 
 def steps_for_budget(episodes: int, questions_per_step: int, samples_per_question: int) -> int:
@@ -182,12 +211,13 @@ def last_line(rows: list[dict]) -> str:
 
 
 # ---- running and reading runs (I/O) ---------------------------------------------------------------
-def run_one(out: Path, spec: RunSpec, steps: int, args) -> Path:
+def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = True) -> Path:
     run_dir = out / spec.name
     if (run_dir / "summary.json").exists() and not args.rerun:
         return run_dir
     cmd = [
         sys.executable, "-m", "cluster.cli", "run", args.config, "--output-dir", str(run_dir), *spec.overrides,
+        f"pipeline.eval_at_start={str(eval_at_start).lower()}",
         f"data.seed={spec.seed}", f"pipeline.seed={spec.seed}", f"pipeline.steps={steps}",
         f"pipeline.eval_every={args.eval_every}", f"data.eval_size={args.eval_size}",
         f"pipeline.eval_temperature={args.eval_temperature}", f"data.train_size={args.train_size}",
@@ -208,8 +238,11 @@ def read_run(run_dir: Path, batch: int) -> dict:
     history = json.loads((run_dir / "history.json").read_text())
     evals = history["evals"]
     files = sorted((run_dir / "eval").glob("step-*.jsonl"))
-    before, after = ({}, {}) if not files else (
-        label_shares([json.loads(x) for x in f.read_text().splitlines()]) for f in (files[0], files[-1]))
+    def shares(f: Path) -> dict[str, float]:
+        return label_shares([json.loads(x) for x in f.read_text().splitlines()])
+    # Without a step-0 eval (a run reusing another's) the "before" shares come from that run.
+    before = shares(files[0]) if files and files[0].name == "step-0000.jsonl" else {}
+    after = shares(files[-1]) if files else {}
     steps = history["steps"]
     mean = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps) if steps else 0.0  # noqa: E731
     return {
@@ -282,11 +315,19 @@ def main() -> None:
     specs = expand_arms(args.arms, args.seeds)
     print(f"{len(specs)} runs of {steps} steps ({steps * batch} episodes each); held-out {args.eval_size} questions "
           f"at T={args.eval_temperature}", flush=True)
+    sources = initial_eval_sources(specs)
     results: dict[RunSpec, dict] = {}
     for spec in specs:
         if args.collect and not (out / spec.name / "summary.json").exists():
             continue
-        results[spec] = read_run(run_one(out, spec, steps, args), batch)
+        source = sources[spec]
+        run = read_run(run_one(out, spec, steps, args, eval_at_start=source is None), batch)
+        if run["acc_initial"] is None:
+            if source not in results:
+                raise SystemExit(f"{spec.name} has no step-0 eval and {source.name if source else 'no run'} "
+                                 f"to take it from; run that arm too, or --rerun {spec.name}'s arm alone")
+            run = with_initial_eval(run, results[source])
+        results[spec] = run
     if not results:
         raise SystemExit(f"no finished runs under {out}")
     rows = arm_rows(results)

@@ -4,7 +4,8 @@ Admission follows AReaL's rule, counted in groups: with ``finished`` groups prod
 in the queue or already trained) and ``running`` groups in generation, a new group starts
 only while finished + running < (max_staleness + step + 1) * batch_size, where ``step`` is
 the number of training steps done. max_staleness = 0 is synchronous training: the next batch
-starts only when the previous one has been trained on.
+starts only when the previous one has been trained on. With ``total_steps`` known, the bound
+never reaches past the run's last batch: no group starts that no step would train on.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from dataclasses import dataclass, field
 class Admission:
     batch_size: int
     max_staleness: int
+    total_steps: int | None = None
     finished: int = 0
     running: int = 0
 
     def capacity(self, step: int) -> int:
-        return (self.max_staleness + step + 1) * self.batch_size
+        batches = self.max_staleness + step + 1
+        if self.total_steps is not None:
+            batches = min(batches, self.total_steps)
+        return batches * self.batch_size
 
     def can_admit(self, step: int) -> bool:
         return self.finished + self.running < self.capacity(step)

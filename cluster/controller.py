@@ -150,7 +150,7 @@ class Controller:
         self.learner_info: list[dict] = []
         self.worker_info: list[dict] = []
         # Pipeline bookkeeping that is not checkpointed (a checkpoint records the groups in flight).
-        self.admission = Admission(p.questions_per_step, p.staleness_bound)
+        self.admission = Admission(p.questions_per_step, p.staleness_bound, total_steps=p.steps)
         self.staleness = StalenessPolicy(p.staleness_bound, p.stale_action, p.stale_weight, self.state.staleness)
         self.requeue: deque[PendingGroup] = deque()
         self.running: dict[str, PendingGroup] = {}

@@ -66,11 +66,16 @@ def staleness_metrics(histogram: Counter) -> dict[str, float]:
 
 def step_metrics(step: int, version: int, groups: list[ScoredGroup], train: dict[str, float],
                  timings: dict[str, float]) -> dict[str, Any]:
-    """A training step's row: its trajectories, rewards, learner numbers and per-group timings."""
+    """A training step's row: its trajectories, rewards, learner numbers and per-group timings.
+
+    train/* describe the episodes this step's policy generated: a replayed success (an older
+    policy's episode injected into an all-fail group) would otherwise count as a fresh one and
+    inflate train/accuracy. reward/* are over the batch as trained, replays included.
+    """
     trajs = [m for g in groups for m in g.members]
     rewards = np.array([t.reward for t in trajs])
     out: dict[str, Any] = {"step": step, "policy_version": version, "questions": sorted(g.question_id for g in groups)}
-    out.update(trajectory_metrics(trajs, "train"))
+    out.update(trajectory_metrics([t for t in trajs if not t.replayed] or trajs, "train"))
     out.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())})
     out.update(train)
     # Per group (they overlap each other and, when async, training): how long its episodes took to

@@ -64,3 +64,28 @@ def test_a_group_from_rolled_back_weights_is_always_rerun():
         p = StalenessPolicy(max_staleness=4, action=action)
         assert p.weight(-1) == 0.0
         assert not p.histogram  # it was never trained, so it is not part of the staleness record
+
+
+@given(batch=st.integers(1, 8), bound=st.integers(0, 4), steps=st.integers(1, 12),
+       drops=st.lists(st.booleans(), max_size=40))
+def test_a_run_starts_no_group_past_its_last_batch(batch, bound, steps, drops):
+    """Capped at total_steps, the producer (which keeps admitting while the trainer evaluates and
+    checkpoints after its last step) starts nothing no step will train on, and a dropped (too
+    stale) group frees a slot so that every step still gets a full batch."""
+    a = Admission(batch_size=batch, max_staleness=bound, total_steps=steps)
+    drops = iter(drops)
+    step = trained = 0
+    while True:
+        while a.can_admit(step):
+            a.admit()
+        if step == steps:
+            break
+        assert a.running, "starved: no group running and no room for one before the run's last step"
+        a.finish()  # one group at a time comes back scored
+        if next(drops, False):
+            a.drop()
+        if a.finished - trained >= batch:
+            trained += batch
+            step += 1
+    assert trained == steps * batch
+    assert a.running == 0 and a.finished == trained

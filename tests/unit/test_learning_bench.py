@@ -12,12 +12,14 @@ from bench.learning import (
     ARMS,
     arm_rows,
     expand_arms,
+    initial_eval_sources,
     label_shares,
     last_line,
     markdown_table,
     mean_ci,
     steps_for_budget,
     wilson_interval,
+    with_initial_eval,
 )
 
 
@@ -104,3 +106,29 @@ def test_arm_rows_table_and_last_line():
     line = last_line(rows)
     assert line.startswith("rapo_acc_initial=0.500 rapo_acc_final=0.700 grpo_acc_final=0.600 rapo_ci=0.000 ")
     assert line.split()[-1].startswith("grpo_ci=")
+
+
+@given(st.lists(st.sampled_from(list(ARMS)), min_size=1, max_size=6, unique=True),
+       st.lists(st.integers(0, 9), min_size=1, max_size=3, unique=True))
+def test_each_seed_evaluates_its_start_once_and_stage2_its_own(arms, seeds):
+    specs = expand_arms(arms, seeds)
+    sources = initial_eval_sources(specs)
+    for seed in {s.seed for s in specs}:
+        stage1 = [s for s in specs if s.seed == seed and s.arm != "stage2"]
+        own = [s for s in stage1 if sources[s] is None]
+        # The seed's first stage-1 run evaluates the start, and every later one reuses exactly that run.
+        assert own == stage1[:1]
+        assert all(sources[s] == stage1[0] for s in stage1[1:])
+        assert all(specs.index(sources[s]) < specs.index(s) for s in stage1[1:])
+    assert all(sources[s] is None for s in specs if s.arm == "stage2")
+
+
+def test_a_run_without_its_step_0_eval_takes_the_sources_start_and_keeps_its_own_end():
+    source = _run(0.4, 0.5, curve=[(0, 0.4), (64, 0.5)], REDUNDANTSEARCH_before=0.3)
+    run = _run(None, 0.6, curve=[(64, 0.6)], REDUNDANTSEARCH_before=0.0, REDUNDANTSEARCH_after=0.2)
+    merged = with_initial_eval(run, source)
+    assert merged["acc_initial"] == 0.4 and merged["acc_final"] == 0.6
+    assert merged["curve"] == [(0, 0.4), (64, 0.6)]
+    assert merged["REDUNDANTSEARCH_before"] == 0.3 and merged["REDUNDANTSEARCH_after"] == 0.2
+    # A run that evaluated its own start keeps it.
+    assert with_initial_eval(source, run) is source

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.run_metrics import episodes_saved_by_pruning, rapo_per_step, rapo_step_metrics
+from cluster.run_metrics import episodes_saved_by_pruning, rapo_per_step, rapo_step_metrics, step_metrics
+from learner.groups import ScoredGroup
+from rollout.types import Trajectory
 
 
 def test_step_metrics_hand_worked():
@@ -64,3 +66,19 @@ def test_scale_factor_is_groups_over_good_groups(groups, n, data):
     good = sum(len(set(row)) > 1 for row in rewards.tolist())
     assert m["rapo/good_groups"] == good
     assert m["rapo/scale_factor"] == (groups / good if good else 1.0)
+
+
+def _episode(correct: bool, tokens: int, replayed: bool = False) -> Trajectory:
+    t = Trajectory("q", 0, [1] * (tokens + 2), [0, 0] + [1] * tokens, [0.0] * (tokens + 2), 2)
+    t.correct, t.reward, t.replayed = correct, 1.0 if correct else 0.0, replayed
+    return t
+
+
+def test_train_metrics_describe_the_fresh_episodes_and_rewards_the_trained_batch():
+    # An all-fail group with a replayed success injected, and a fresh group with one success of two.
+    groups = [ScoredGroup("q1", [_episode(True, 40, replayed=True), _episode(False, 10)]),
+              ScoredGroup("q2", [_episode(True, 10), _episode(False, 10)])]
+    m = step_metrics(1, 1, groups, {}, {})
+    assert m["train/accuracy"] == pytest.approx(1 / 3)  # not 2/4: the replay is an older policy's success
+    assert m["train/episode_tokens"] == 12
+    assert m["reward/mean"] == 0.5  # what the learner trained on, the replay included
