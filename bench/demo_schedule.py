@@ -2,11 +2,12 @@
 
 A run of a few steps shows replay and pruning only if the draw cooperates: replay needs a
 question solved once and an all-fail group of it later; pruning needs a question solved at
->= prune_threshold in one epoch. This simulates a run's schedule (the real `PromptScheduler`
-and `questions_to_prune`, epochs judged only once all their groups are scored, the next step
-drawn before the current one is scored as a synchronous run does, at most `active -
-questions_per_step` pruned) with per-episode success rates drawn for each question: 1-hop
-questions uniform in [--lo, --hi] and rising by --slope a step, 2-hop ones in [0, 0.06].
+>= prune_threshold in one epoch. This simulates a run's schedule with the controller's own
+pieces (`PromptScheduler`; `EpochLedger`, which judges an epoch only once all its groups are
+scored; `questions_to_prune`, capped at `active - questions_per_step`), drawing the next step
+before the current one is scored as a synchronous run does. Per-episode success rates are
+drawn for each question: 1-hop questions uniform in [--lo, --hi] and rising by --slope a step,
+2-hop ones in [0, 0.06] (`Rates`).
 It is how deploy/configs/demo.yaml was shaped; it models no learning beyond the slope.
 
     python bench/demo_schedule.py                         # the demo's shape and some others
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learner.advantages import questions_to_prune  # noqa: E402
-from learner.scheduler import PromptScheduler  # noqa: E402
+from learner.pruning import EpochLedger  # noqa: E402
+from learner.scheduler import Draw, PromptScheduler  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -59,26 +62,25 @@ def simulate(shape: Shape, rates: Rates, rng: np.random.Generator) -> tuple[int,
     base = {q: rng.uniform(rates.lo, rates.hi) if q in one_hop else rng.uniform(rates.two_hop_lo, rates.two_hop_hi)
             for q in ids}
     sched = PromptScheduler(ids, seed=int(rng.integers(1 << 30)))
+    # The controller's bookkeeping: which epochs may be judged, and per-epoch counts of each question.
+    ledger = EpochLedger()
+    totals: dict[int, Counter] = defaultdict(Counter)
+    corrects: dict[int, Counter] = defaultdict(Counter)
     stored: set[str] = set()
     pruned: set[str] = set()
-    totals: dict[int, dict[str, int]] = {}
-    corrects: dict[int, dict[str, int]] = {}
-    open_draws: dict[int, int] = {}
-    ended: set[int] = set()
     injections = 0
 
-    def draw():
+    def draw(step: int) -> Draw | None:
         if sched.active < shape.questions_per_step:
             return None
         d = sched.next_batch(shape.questions_per_step)
-        for e in d.epochs.values():
-            open_draws[e] = open_draws.get(e, 0) + 1
-        ended.update(d.ended)
+        for q in d.ids:
+            ledger.drawn(d.epochs[q], f"g{step}-{q}", d.ended)
         return d
 
-    upcoming = draw()
+    upcoming = draw(1)
     for step in range(1, shape.steps + 1):
-        current, upcoming = upcoming, draw()
+        current, upcoming = upcoming, draw(step + 1)
         if current is None:
             break
         for q in current.ids:
@@ -89,18 +91,15 @@ def simulate(shape: Shape, rates: Rates, rng: np.random.Generator) -> tuple[int,
                 injections += 1
             if solved:
                 stored.add(q)
-            totals.setdefault(epoch, {})[q] = totals.get(epoch, {}).get(q, 0) + shape.samples_per_question
-            corrects.setdefault(epoch, {})[q] = corrects.get(epoch, {}).get(q, 0) + solved
-            open_draws[epoch] -= 1
-            for e in sorted(ended):
-                if open_draws.get(e, 0) > 0:
-                    break
-                room = max(0, sched.active - shape.questions_per_step)
-                new = sorted(questions_to_prune(corrects.get(e, {}), totals.get(e, {}), shape.prune_threshold) - pruned)
-                new = set(new[:room])
+            totals[epoch][q] += shape.samples_per_question
+            corrects[epoch][q] += solved
+            ledger.settle(epoch, f"g{step}-{q}")
+            for e in ledger.closable():
+                new = questions_to_prune(corrects[e], totals[e], shape.prune_threshold,
+                                         max_prune=sched.active - shape.questions_per_step)
                 pruned |= new
                 sched.prune(new)
-                ended.discard(e)
+                ledger.closed(e)
     return injections, len(pruned)
 
 

@@ -112,13 +112,15 @@ def plan_replay_injections(
 
 
 def questions_to_prune(
-    correct_counts: Mapping[str, int], totals: Mapping[str, int], threshold: float = 0.9
+    correct_counts: Mapping[str, int], totals: Mapping[str, int], threshold: float = 0.9,
+    max_prune: int | None = None,
 ) -> set[str]:
     """Questions whose judged-correct rate this epoch is ≥ threshold (paper Eq. 5).
 
     "Solved" means judged correct, not reward > 0: a well-formatted wrong answer already
     earns 0.1. A question absent from ``correct_counts`` solved nothing; one with total 0
-    was not rolled out and is never pruned.
+    was not rolled out and is never pruned. ``max_prune`` caps how many go (in id order), so
+    that a small pool keeps enough questions for a step.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -133,4 +135,6 @@ def questions_to_prune(
         # Integer division is correctly rounded, so 9/10 compares equal to the literal 0.9.
         if total > 0 and n_correct / total >= threshold:
             pruned.add(qid)
+    if max_prune is not None:
+        pruned = set(sorted(pruned)[: max(0, max_prune)])
     return pruned

@@ -103,16 +103,14 @@ class PruningState:
     async def finish_epoch(self, epoch: int, max_prune: int | None = None) -> set[str]:
         """Prune what ``epoch`` solved; idempotent, so a retried or resumed call prunes nothing twice.
 
-        ``max_prune`` caps how many go (in id order), so a small pool keeps enough questions for a step.
+        ``max_prune``: as in `questions_to_prune`.
         """
         last = await self.redis.get(f"{self.prefix}:last_epoch")
         if last is not None and int(last) >= epoch:
             return set()
         totals = _ints(await self.redis.hgetall(f"{self.prefix}:total:{epoch}"))
         correct = _ints(await self.redis.hgetall(f"{self.prefix}:correct:{epoch}"))
-        pruned = questions_to_prune(correct, totals, self.threshold)
-        if max_prune is not None:
-            pruned = set(sorted(pruned)[: max(0, max_prune)])
+        pruned = questions_to_prune(correct, totals, self.threshold, max_prune)
         async with self.redis.pipeline(transaction=True) as pipe:
             if pruned:
                 pipe.sadd(f"{self.prefix}:pruned", *sorted(pruned))

@@ -145,6 +145,9 @@ def test_questions_to_prune() -> None:
     # 0/5 keep; total 0 never pruned; a question missing from correct_counts solved 0/3.
     assert questions_to_prune(correct, totals) == {"all5", "nine10"}
     assert questions_to_prune(correct, totals, threshold=0.8) == {"all5", "four5", "nine10"}
+    # Capped, the first in id order go; a cap at or below 0 prunes nothing.
+    assert questions_to_prune(correct, totals, threshold=0.8, max_prune=2) == {"all5", "four5"}
+    assert questions_to_prune(correct, totals, threshold=0.8, max_prune=-1) == set()
 
 
 @pytest.mark.parametrize("n_total", [10, 20, 30, 50, 70, 90, 100])
