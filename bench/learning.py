@@ -40,6 +40,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -224,6 +226,8 @@ def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = Tr
     run_dir = out / spec.name
     if (run_dir / "summary.json").exists() and not args.rerun:
         return run_dir
+    # An unfinished (interrupted) run starts over: a new run in its folder would find its Redis state.
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "cluster.cli", "run", args.config, "--output-dir", str(run_dir), *spec.overrides,
         f"pipeline.eval_at_start={str(eval_at_start).lower()}",
@@ -235,11 +239,35 @@ def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = Tr
     print(f"== {spec.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
     with open(out / f"{spec.name}.log", "w") as log:
-        code = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        code = run_to_the_end(cmd, log, spec.name)
     if code != 0:
         raise SystemExit(f"{spec.name} failed (exit {code}); see {out / f'{spec.name}.log'}")
     print(f"   done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def run_to_the_end(cmd: list[str], log, name: str) -> int:
+    """Run one CLI run; on Ctrl-C (or SIGTERM to the bench) let it tear down its cluster, then stop.
+
+    The run gets its own session, so a terminal's Ctrl-C reaches the bench alone and the run sees
+    exactly one SIGINT, from here (subprocess.call would SIGKILL it 0.25 s after the interrupt,
+    mid tear-down); if the bench is killed outright, the kernel sends the run SIGTERM.
+    """
+    from cluster.parent_death import term_on_parent_death
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+                            start_new_session=True, preexec_fn=term_on_parent_death)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print(f"   interrupted: stopping {name} (its Ray cluster and Redis go with it) ...", flush=True)
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise SystemExit(f"interrupted during {name}; finished runs are kept: the same command goes on from the "
+                         f"first unfinished one") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_run(run_dir: Path, batch: int) -> dict:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -106,21 +104,11 @@ def cmd_init_model(args) -> int:
     return 0
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: this process gets SIGTERM when its parent dies, even by SIGKILL (no orphaned warm start)."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        raise SystemExit(1)
-
-
 def _prepare_in_child(cfg, parent: int) -> None:
     from cluster.model_prep import ensure_policy
+    from cluster.parent_death import die_with_parent
 
-    _die_with_parent(parent)
+    die_with_parent(parent)
     try:
         ensure_policy(cfg, log=_log)
     except Exception as e:  # noqa: BLE001 - the child's error boundary: a message, not a traceback

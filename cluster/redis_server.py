@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.parent_death import term_on_parent_death
+
 
 class RedisStartError(RuntimeError):
     pass
@@ -54,20 +56,6 @@ class RedisServer:
             self.process.wait(timeout)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGTERM (Redis then flushes its AOF) if the process that started it dies.
-
-    Redis runs in its own session so that a terminal Ctrl-C reaches only the CLI, which stops it
-    in order; this covers the CLI being killed outright.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _stored_password(data_dir: Path) -> str:
     """The password kept with the data (0600), so that a restart on the same AOF keeps working."""
     path = data_dir / "password"
@@ -105,9 +93,11 @@ def start_redis(
         f"daemonize no\nlogfile {data_dir / 'redis.log'}\n"
     )
     os.chmod(conf, 0o600)
+    # Its own session, so that a terminal's Ctrl-C reaches only the CLI, which stops Redis in order
+    # (AOF flushed); the parent-death signal covers the CLI being killed outright.
     proc = subprocess.Popen(
         [binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=term_on_parent_death,
     )
     server = RedisServer(proc, host, port, password, data_dir)
     deadline = time.monotonic() + timeout

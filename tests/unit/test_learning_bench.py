@@ -132,3 +132,78 @@ def test_a_run_without_its_step_0_eval_takes_the_sources_start_and_keeps_its_own
     assert merged["REDUNDANTSEARCH_before"] == 0.3 and merged["REDUNDANTSEARCH_after"] == 0.2
     # A run that evaluated its own start keeps it.
     assert with_initial_eval(source, run) is source
+
+
+# ---- Ctrl-C while a run is going: the run tears down once, in full, and the bench stops --------------
+# A stand-in for the CLI: records each signal it gets, takes a while to tear down, then exits 130.
+FAKE_RUN = """
+import signal, sys, time, pathlib
+d = pathlib.Path(sys.argv[1])
+def on(signum, frame):
+    with open(d / "signals", "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    time.sleep(0.5)
+    (d / "torn_down").write_text("yes")
+    sys.exit(130)
+signal.signal(signal.SIGINT, on)
+signal.signal(signal.SIGTERM, on)
+(d / "ready").write_text("yes")
+time.sleep(60)
+"""
+# The bench's side, as its own process (in the test's own session, as a terminal's foreground group is).
+DRIVER = """
+import sys
+from bench.learning import run_to_the_end
+print("rc", run_to_the_end([sys.executable, "-c", sys.argv[1], sys.argv[2]], sys.stdout, "grpo-seed0"), flush=True)
+"""
+
+
+def _start_driver(tmp_path):
+    import subprocess
+    import sys
+
+    from bench.learning import REPO
+
+    return subprocess.Popen([sys.executable, "-c", DRIVER, FAKE_RUN, str(tmp_path)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_lets_the_run_tear_down_once_then_stops_the_bench(tmp_path):
+    import os
+    import signal
+
+    driver = _start_driver(tmp_path)
+    try:
+        _wait_for(tmp_path / "ready")
+        os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        out, _ = driver.communicate(timeout=30)
+    finally:
+        driver.kill()
+    # The run is in a session of its own, so it got one SIGINT (the bench's), and was not killed mid tear-down.
+    assert (tmp_path / "signals").read_text().split() == ["SIGINT"]
+    assert (tmp_path / "torn_down").exists()
+    assert driver.returncode == 1 and "interrupted during grpo-seed0" in out and "Traceback" not in out, out
+
+
+def test_a_run_outlives_no_killed_bench(tmp_path):
+    import os
+    import signal
+
+    driver = _start_driver(tmp_path)
+    try:
+        _wait_for(tmp_path / "ready")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        _wait_for(tmp_path / "torn_down")  # the kernel's parent-death SIGTERM reached it
+    finally:
+        driver.kill()
+    assert (tmp_path / "signals").read_text().split() == ["SIGTERM"]
