@@ -18,8 +18,11 @@ Per arm: mean accuracy over seeds with a 95% confidence interval (Student t over
 there are two or more, else the Wilson interval of the one run's 128 answers), response
 tokens and tool calls per episode, replay injections, pruned questions, and the share of
 REDUNDANTSEARCH / REDUNDANTQUERY labels among the held-out episodes' tool calls before and
-after. Writes learning.csv, learning_table.md and learning_accuracy.png (held-out accuracy vs
-episodes generated, one line per arm) under --out. The last line printed is
+after; and a second table of what the parts did (mean G/G_good, injections and the staleness of
+the replayed successes, the learner's importance-weight range, pruned questions and episodes saved,
+tool calls per training episode at the first and last step). Writes learning.csv,
+learning_table.md and learning_accuracy.png (held-out accuracy vs episodes generated, one line
+per arm) under --out. The last line printed is
 
     rapo_acc_initial=X rapo_acc_final=Y grpo_acc_final=Z rapo_ci=W grpo_ci=V
 
@@ -175,6 +178,34 @@ def label_shares(rows: list[dict]) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()} if total else {}
 
 
+def parts_at_work(steps: list[dict]) -> dict[str, float]:
+    """What RAPO's parts did over one run's steps (history.json's per-step metrics): the mean advantage
+    scale G/G_good, the mean staleness of replayed successes where any were injected, the range of the
+    learner's importance weights, and tool calls per training episode at the first and the last step
+    (a policy that unlearns tool use shows it here first)."""
+    nan = float("nan")
+    def col(key: str) -> list[float]:
+        return [float(s[key]) for s in steps if key in s]
+    scale, weights, calls = col("rapo/scale_factor"), col("learner/is_weight"), col("train/tool_calls_per_episode")
+    stale = [float(s["rapo/replay_staleness"]) for s in steps if s.get("rapo/injections", 0) > 0
+             and "rapo/replay_staleness" in s]
+    return {
+        "scale_mean": sum(scale) / len(scale) if scale else nan,
+        "replay_staleness": sum(stale) / len(stale) if stale else nan,
+        "is_weight_min": min(weights) if weights else nan, "is_weight_max": max(weights) if weights else nan,
+        "tool_calls_first": calls[0] if calls else nan, "tool_calls_last": calls[-1] if calls else nan,
+    }
+
+
+PART_KEYS = ("scale_mean", "replay_staleness", "is_weight_min", "is_weight_max", "tool_calls_first",
+             "tool_calls_last", "episodes_saved")
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def arm_rows(results: dict[RunSpec, dict]) -> list[dict]:
     """One row per arm: means over its seeds (final accuracy with a CI) and the per-episode costs."""
     rows = []
@@ -191,6 +222,8 @@ def arm_rows(results: dict[RunSpec, dict]) -> list[dict]:
             "replay_injections": mean("replay_injections"), "pruned_questions": mean("pruned_questions"),
             **{f"{label}_before": mean(f"{label}_before") for label in REDUNDANT_LABELS},
             **{f"{label}_after": mean(f"{label}_after") for label in REDUNDANT_LABELS},
+            # A run where a part never acted (no injection) leaves it out of that part's mean.
+            **{key: _nanmean([r.get(key, float("nan")) for r in runs]) for key in PART_KEYS},
         })
     return rows
 
@@ -207,6 +240,25 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['acc_final']:.3f} ± {r['ci']:.3f} | {r['gain']:+.3f} | {r['response_tokens']:.0f} | "
             f"{r['tool_calls']:.2f} | {r['replay_injections']:.1f} | {r['pruned_questions']:.1f} | "
             f"{shares[0]} | {shares[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def parts_table(rows: list[dict]) -> str:
+    """What each arm's parts did (means over seeds; "-" where a part never acted)."""
+    def f(v: float, fmt: str) -> str:
+        return "-" if math.isnan(v) else format(v, fmt)
+
+    head = ("| arm | G/G_good (mean) | replay injections | replay staleness (versions) | importance weight min..max "
+            "| pruned | episodes saved by pruning | tool calls / ep. first step -> last |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        weights = "-" if math.isnan(r["is_weight_min"]) else f"{r['is_weight_min']:.3f}..{r['is_weight_max']:.3f}"
+        lines.append(
+            f"| {r['arm']} | {f(r['scale_mean'], '.2f')} | {r['replay_injections']:.1f} | "
+            f"{f(r['replay_staleness'], '.1f')} | {weights} | "
+            f"{r['pruned_questions']:.1f} | {f(r['episodes_saved'], '.0f')} | "
+            f"{f(r['tool_calls_first'], '.2f')} -> {f(r['tool_calls_last'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -288,6 +340,7 @@ def read_run(run_dir: Path, batch: int) -> dict:
         "response_tokens": mean("train/response_tokens"), "tool_calls": mean("train/tool_calls_per_episode"),
         "replay_injections": summary["replay_injections"], "pruned_questions": summary["pruned_questions"],
         "curve": [(int(e["step"]) * batch, float(e["eval/accuracy"])) for e in evals],
+        "episodes_saved": float(summary.get("episodes_saved_by_pruning", 0)), **parts_at_work(steps),
         **{f"{lab}_before": before.get(lab, 0.0) for lab in REDUNDANT_LABELS},
         **{f"{lab}_after": after.get(lab, 0.0) for lab in REDUNDANT_LABELS},
     }
@@ -368,7 +421,7 @@ def main() -> None:
     if not results:
         raise SystemExit(f"no finished runs under {out}")
     rows = arm_rows(results)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "\n\nWhat the parts did:\n\n" + parts_table(rows)
     (out / "learning_table.md").write_text(table + "\n")
     write_csv(out / "learning.csv", results)
     plot(out / "learning_accuracy.png", results)

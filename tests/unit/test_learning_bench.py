@@ -17,6 +17,8 @@ from bench.learning import (
     last_line,
     markdown_table,
     mean_ci,
+    parts_at_work,
+    parts_table,
     steps_for_budget,
     wilson_interval,
     with_initial_eval,
@@ -207,3 +209,33 @@ def test_a_run_outlives_no_killed_bench(tmp_path):
     finally:
         driver.kill()
     assert (tmp_path / "signals").read_text().split() == ["SIGTERM"]
+
+
+def _step(scale, injections, staleness, is_weight, calls):
+    return {"rapo/scale_factor": scale, "rapo/injections": injections, "rapo/replay_staleness": staleness,
+            "learner/is_weight": is_weight, "train/tool_calls_per_episode": calls}
+
+
+def test_parts_at_work_reads_what_each_part_did_from_the_steps():
+    steps = [_step(4.0, 0, 0.0, 1.0, 2.1), _step(1.0, 2, 3.0, 0.998, 1.5), _step(2.0, 1, 6.0, 1.003, 0.75)]
+    parts = parts_at_work(steps)
+    assert parts["scale_mean"] == pytest.approx(7 / 3)
+    # Staleness only over the steps that injected something: a step without replay reports 0, not "fresh".
+    assert parts["replay_staleness"] == pytest.approx(4.5)
+    assert (parts["is_weight_min"], parts["is_weight_max"]) == (0.998, 1.003)
+    assert (parts["tool_calls_first"], parts["tool_calls_last"]) == (2.1, 0.75)
+    # GRPO logs no RAPO metrics: nothing to report rather than zeros that look like a measurement.
+    grpo = parts_at_work([{"learner/is_weight": 1.0, "train/tool_calls_per_episode": 2.0}])
+    assert math.isnan(grpo["scale_mean"]) and math.isnan(grpo["replay_staleness"])
+
+
+def test_parts_table_averages_over_the_seeds_where_a_part_acted():
+    specs = expand_arms(["rapo", "grpo"], [0, 1])
+    acted = {**_run(0.5, 0.6), **parts_at_work([_step(2.0, 1, 3.0, 1.0, 2.0)]), "episodes_saved": 8.0}
+    idle = {**_run(0.5, 0.6), **parts_at_work([_step(1.0, 0, 0.0, 1.0, 1.0)]), "episodes_saved": 0.0}
+    results = {specs[0]: acted, specs[1]: idle, specs[2]: _run(0.5, 0.6), specs[3]: _run(0.5, 0.6)}
+    rows = arm_rows(results)
+    assert rows[0]["replay_staleness"] == 3.0 and rows[0]["scale_mean"] == 1.5 and rows[0]["episodes_saved"] == 4.0
+    table = parts_table(rows)
+    assert "| rapo | 1.50 | 3.0 | 3.0 | 1.000..1.000 | 1.0 | 4 | 1.50 -> 1.50 |" in table
+    assert "| grpo | - | 3.0 | - | - | 1.0 | - | - -> - |" in table
