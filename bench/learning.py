@@ -95,13 +95,17 @@ class RunSpec:
 
 
 def expand_arms(arms: list[str], seeds: list[int]) -> list[RunSpec]:
-    """One run per (arm, seed): GRPO and RAPO on every seed, single-part and stage-2 arms on the first."""
+    """One run per (arm, seed): GRPO and RAPO on every seed, single-part and stage-2 arms on the first.
+
+    Seed by seed, so that a bench stopped part-way has whole seeds (every arm of the first seed,
+    then GRPO and RAPO of the next), not one arm's seeds without the other's.
+    """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if not seeds:
         raise ValueError("give at least one world seed")
-    return [RunSpec(a, s, ARMS[a]) for a in arms for s in (seeds if a in MULTI_SEED_ARMS else seeds[:1])]
+    return [RunSpec(a, s, ARMS[a]) for s in seeds for a in arms if a in MULTI_SEED_ARMS or s == seeds[0]]
 
 
 def initial_eval_sources(specs: list[RunSpec]) -> dict[RunSpec, RunSpec | None]:

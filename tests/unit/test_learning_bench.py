@@ -31,6 +31,8 @@ def test_grpo_and_rapo_run_every_seed_single_parts_the_first():
     assert by_arm["grpo"] == by_arm["rapo"] == [3, 4, 5]
     assert by_arm["adv_scaling"] == by_arm["replay"] == by_arm["pruning"] == by_arm["stage2"] == [3]
     assert len({s.name for s in specs}) == len(specs)
+    # Seed by seed: every arm of the first seed before the next seed's.
+    assert [s.seed for s in specs] == sorted(s.seed for s in specs)
 
 
 def test_single_part_arms_switch_exactly_one_part_on_top_of_grpo():
@@ -233,7 +235,7 @@ def test_parts_table_averages_over_the_seeds_where_a_part_acted():
     specs = expand_arms(["rapo", "grpo"], [0, 1])
     acted = {**_run(0.5, 0.6), **parts_at_work([_step(2.0, 1, 3.0, 1.0, 2.0)]), "episodes_saved": 8.0}
     idle = {**_run(0.5, 0.6), **parts_at_work([_step(1.0, 0, 0.0, 1.0, 1.0)]), "episodes_saved": 0.0}
-    results = {specs[0]: acted, specs[1]: idle, specs[2]: _run(0.5, 0.6), specs[3]: _run(0.5, 0.6)}
+    results = {s: (acted if s.seed == 0 else idle) if s.arm == "rapo" else _run(0.5, 0.6) for s in specs}
     rows = arm_rows(results)
     assert rows[0]["replay_staleness"] == 3.0 and rows[0]["scale_mean"] == 1.5 and rows[0]["episodes_saved"] == 4.0
     table = parts_table(rows)
