@@ -302,6 +302,16 @@ def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = Tr
     return run_dir
 
 
+def _run_child_signals() -> None:
+    """In the run's process before exec: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt even where the bench was started with it ignored (a non-interactive shell's
+    `cmd &`, nohup scripts), and SIGTERM when the bench dies."""
+    from cluster.parent_death import term_on_parent_death
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    term_on_parent_death()
+
+
 def run_to_the_end(cmd: list[str], log, name: str) -> int:
     """Run one CLI run; on Ctrl-C (or SIGTERM to the bench) let it tear down its cluster, then stop.
 
@@ -309,10 +319,8 @@ def run_to_the_end(cmd: list[str], log, name: str) -> int:
     exactly one SIGINT, from here (subprocess.call would SIGKILL it 0.25 s after the interrupt,
     mid tear-down); if the bench is killed outright, the kernel sends the run SIGTERM.
     """
-    from cluster.parent_death import term_on_parent_death
-
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
-                            start_new_session=True, preexec_fn=term_on_parent_death)
+                            start_new_session=True, preexec_fn=_run_child_signals)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return proc.wait()

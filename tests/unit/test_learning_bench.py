@@ -139,20 +139,23 @@ def test_a_run_without_its_step_0_eval_takes_the_sources_start_and_keeps_its_own
 
 
 # ---- Ctrl-C while a run is going: the run tears down once, in full, and the bench stops --------------
-# A stand-in for the CLI: records each signal it gets, takes a while to tear down, then exits 130.
+# A stand-in for the CLI: records the signal that stops it, takes a while to tear down, then exits 130.
 FAKE_RUN = """
 import signal, sys, time, pathlib
 d = pathlib.Path(sys.argv[1])
-def on(signum, frame):
+def tear_down(name):
     with open(d / "signals", "a") as f:
-        f.write(signal.Signals(signum).name + "\\n")
+        f.write(name + "\\n")
     time.sleep(0.5)
     (d / "torn_down").write_text("yes")
     sys.exit(130)
-signal.signal(signal.SIGINT, on)
-signal.signal(signal.SIGTERM, on)
+# As the CLI: SIGTERM handled, SIGINT left to Python (KeyboardInterrupt, unless ignored at start-up).
+signal.signal(signal.SIGTERM, lambda *a: tear_down("SIGTERM"))
 (d / "ready").write_text("yes")
-time.sleep(60)
+try:
+    time.sleep(20)
+except KeyboardInterrupt:
+    tear_down("SIGINT")
 """
 # The bench's side, as its own process (in the test's own session, as a terminal's foreground group is).
 DRIVER = """
@@ -162,14 +165,22 @@ print("rc", run_to_the_end([sys.executable, "-c", sys.argv[1], sys.argv[2]], sys
 """
 
 
-def _start_driver(tmp_path):
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_driver(tmp_path, background: bool = False):
+    """The bench; ``background``: started as `cmd &` from a script starts it, with SIGINT ignored."""
     import subprocess
     import sys
 
     from bench.learning import REPO
 
     return subprocess.Popen([sys.executable, "-c", DRIVER, FAKE_RUN, str(tmp_path)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_ignore_sigint if background else None)
 
 
 def _wait_for(path, timeout=30.0):
@@ -241,3 +252,21 @@ def test_parts_table_averages_over_the_seeds_where_a_part_acted():
     table = parts_table(rows)
     assert "| rapo | 1.50 | 3.0 | 3.0 | 1.000..1.000 | 1.0 | 4 | 1.50 -> 1.50 |" in table
     assert "| grpo | - | 3.0 | - | - | 1.0 | - | - -> - |" in table
+
+
+def test_a_background_bench_stops_on_sigterm_and_its_run_still_tears_down(tmp_path):
+    """Ignored signals are inherited: without resetting SIGINT for the run, the run of a bench started
+    with SIGINT ignored would ignore the forwarded SIGINT and go on for its whole length."""
+    import os
+    import signal
+
+    driver = _start_driver(tmp_path, background=True)
+    try:
+        _wait_for(tmp_path / "ready")
+        os.kill(driver.pid, signal.SIGTERM)
+        out, _ = driver.communicate(timeout=30)
+    finally:
+        driver.kill()
+    assert (tmp_path / "signals").read_text().split() == ["SIGINT"]
+    assert (tmp_path / "torn_down").exists()
+    assert driver.returncode == 1 and "interrupted during grpo-seed0" in out, out
