@@ -20,7 +20,9 @@ tokens and tool calls per episode, replay injections, pruned questions, and the 
 REDUNDANTSEARCH / REDUNDANTQUERY labels among the held-out episodes' tool calls before and
 after; and a second table of what the parts did (mean G/G_good, injections and the staleness of
 the replayed successes, the learner's importance-weight range, pruned questions and episodes saved,
-tool calls per training episode at the first and last step). Writes learning.csv,
+tool calls per training episode at the first and last step); and RAPO minus GRPO paired question
+by question on the seeds both ran (the arms share their start and held-out set, so the paired
+interval is much narrower than the two arms' own). Writes learning.csv,
 learning_table.md and learning_accuracy.png (held-out accuracy vs episodes generated, one line
 per arm) under --out. The last line printed is
 
@@ -170,6 +172,43 @@ def mean_ci(accuracies: list[float], n_questions: int) -> tuple[float, float]:
         return mean, (hi - lo) / 2
     sd = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (k - 1))
     return mean, t_quantile(k - 1) * sd / math.sqrt(k)
+
+
+def paired_difference(a: dict[str, bool], b: dict[str, bool]) -> tuple[float, float, int, int]:
+    """Accuracy of ``a`` minus ``b`` on the questions both answered ({question id: correct}), with the
+    half-width of its 95% CI, and the discordant counts (a right and b wrong, b right and a wrong).
+
+    Arms of one seed start from the same policy and answer the same held-out questions, so the
+    question-by-question difference cancels which questions were drawn: its interval is far
+    narrower than the gap between two arms' own intervals. It holds the eval's sampling of questions
+    only, not how differently training could have gone (only more seeds measure that). Wald interval
+    of a paired difference of proportions; pool seeds by concatenating their (seed-prefixed) ids.
+    """
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ValueError("the two runs answered no question in common")
+    n = len(shared)
+    a_only = sum(1 for q in shared if a[q] and not b[q])
+    b_only = sum(1 for q in shared if b[q] and not a[q])
+    diff = (a_only - b_only) / n
+    var = max((a_only + b_only) / n - diff**2, 0.0) / n
+    return diff, 1.96 * math.sqrt(var), a_only, b_only
+
+
+def paired_line(results: dict[RunSpec, dict], arm: str = "rapo", baseline: str = "grpo") -> str | None:
+    """``arm`` against ``baseline`` on the final eval, paired question by question over the seeds both ran."""
+    def pooled(name: str) -> dict[str, bool]:
+        return {f"{spec.seed}/{q}": ok for spec, r in results.items() if spec.arm == name
+                and spec.seed in seeds for q, ok in r.get("final_correct", {}).items()}
+
+    seeds = ({s.seed for s in results if s.arm == arm} & {s.seed for s in results if s.arm == baseline})
+    a, b = pooled(arm), pooled(baseline)
+    if not seeds or not (set(a) & set(b)):
+        return None
+    diff, ci, a_only, b_only = paired_difference(a, b)
+    return (f"{arm} - {baseline}, final held-out accuracy paired on the same questions over {len(seeds)} "
+            f"seed{'s' * (len(seeds) > 1)}: {diff:+.3f} ± {ci:.3f} (95% CI; {a_only} questions only {arm} "
+            f"answered, {b_only} only {baseline}, of {len(set(a) & set(b))})")
 
 
 def label_shares(rows: list[dict]) -> dict[str, float]:
@@ -344,6 +383,7 @@ def read_run(run_dir: Path, batch: int) -> dict:
     # Without a step-0 eval (a run reusing another's) the "before" shares come from that run.
     before = shares(files[0]) if files and files[0].name == "step-0000.jsonl" else {}
     after = shares(files[-1]) if files else {}
+    final_rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()] if files else []
     steps = history["steps"]
     mean = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps) if steps else 0.0  # noqa: E731
     return {
@@ -353,6 +393,7 @@ def read_run(run_dir: Path, batch: int) -> dict:
         "replay_injections": summary["replay_injections"], "pruned_questions": summary["pruned_questions"],
         "curve": [(int(e["step"]) * batch, float(e["eval/accuracy"])) for e in evals],
         "episodes_saved": float(summary.get("episodes_saved_by_pruning", 0)), **parts_at_work(steps),
+        "final_correct": {r["id"]: bool(r["correct"]) for r in final_rows},
         **{f"{lab}_before": before.get(lab, 0.0) for lab in REDUNDANT_LABELS},
         **{f"{lab}_after": after.get(lab, 0.0) for lab in REDUNDANT_LABELS},
     }
@@ -434,6 +475,9 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {out}")
     rows = arm_rows(results)
     table = markdown_table(rows) + "\n\nWhat the parts did:\n\n" + parts_table(rows)
+    paired = paired_line(results)
+    if paired:
+        table += "\n\n" + paired
     (out / "learning_table.md").write_text(table + "\n")
     write_csv(out / "learning.csv", results)
     plot(out / "learning_accuracy.png", results)

@@ -17,6 +17,8 @@ from bench.learning import (
     last_line,
     markdown_table,
     mean_ci,
+    paired_difference,
+    paired_line,
     parts_at_work,
     parts_table,
     steps_for_budget,
@@ -270,3 +272,37 @@ def test_a_background_bench_stops_on_sigterm_and_its_run_still_tears_down(tmp_pa
     assert (tmp_path / "signals").read_text().split() == ["SIGINT"]
     assert (tmp_path / "torn_down").exists()
     assert driver.returncode == 1 and "interrupted during grpo-seed0" in out, out
+
+
+def test_paired_difference_counts_discordant_questions():
+    a = {"q1": True, "q2": True, "q3": False, "q4": False, "extra": True}
+    b = {"q1": True, "q2": False, "q3": True, "q4": False}
+    diff, ci, a_only, b_only = paired_difference(a, b)
+    assert (diff, a_only, b_only) == (0.0, 1, 1)  # "extra" is not shared: left out
+    assert ci == pytest.approx(1.96 * math.sqrt(0.5 / 4))
+    # Identical answers: no difference and no uncertainty about it, whatever the accuracy.
+    assert paired_difference(b, b)[:2] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no question in common"):
+        paired_difference({"x": True}, {"y": True})
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
+def test_paired_difference_is_the_accuracy_gap_and_antisymmetric(pairs):
+    a = {f"q{i}": x for i, (x, _) in enumerate(pairs)}
+    b = {f"q{i}": y for i, (_, y) in enumerate(pairs)}
+    diff, ci, _, _ = paired_difference(a, b)
+    assert diff == pytest.approx(sum(a.values()) / len(a) - sum(b.values()) / len(b))
+    back, ci_back, _, _ = paired_difference(b, a)
+    assert back == pytest.approx(-diff) and ci_back == pytest.approx(ci) and ci >= 0
+
+
+def test_paired_line_pairs_only_the_seeds_both_arms_ran():
+    specs = expand_arms(["rapo", "grpo"], [0, 1]) + expand_arms(["rapo"], [2])
+    correct = {0: ({"a": True, "b": True}, {"a": True, "b": False}),
+               1: ({"a": False, "b": True}, {"a": True, "b": True}),
+               2: ({"a": True, "b": True}, None)}
+    results = {s: {"final_correct": correct[s.seed][0 if s.arm == "rapo" else 1]} for s in specs}
+    line = paired_line(results)
+    # Seed 2 has no GRPO run: 4 paired questions, one won by each arm.
+    assert "over 2 seeds: +0.000" in line and "1 questions only rapo answered, 1 only grpo, of 4" in line
+    assert paired_line({s: r for s, r in results.items() if s.arm == "rapo"}) is None
