@@ -16,11 +16,21 @@ import signal
 _PR_SET_PDEATHSIG = 1
 
 
+def _libc():
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return None
+
+
+# Resolved here, in the parent: find_library runs `ldconfig -p`, which a preexec_fn (a forked child
+# of a possibly threaded process, before exec) must not do.
+_LIBC = _libc()
+
+
 def term_on_parent_death() -> None:
     """Ask for SIGTERM when the parent dies (usable as subprocess's ``preexec_fn``)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
-            _PR_SET_PDEATHSIG, signal.SIGTERM)
+    with contextlib.suppress(AttributeError):  # no libc, or no prctl (not Linux)
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def die_with_parent(parent: int) -> None:

@@ -167,14 +167,21 @@ print("rc", run_to_the_end([sys.executable, "-c", sys.argv[1], sys.argv[2]], sys
 """
 
 
-def _ignore_sigint() -> None:
+def _sigint_default() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _sigint_ignored() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _start_driver(tmp_path, background: bool = False):
-    """The bench; ``background``: started as `cmd &` from a script starts it, with SIGINT ignored."""
+    """The bench as a terminal starts it (SIGINT at its default, whatever this test process inherited:
+    a CI started in the background ignores it), or ``background``: as a script's `cmd &`, SIGINT ignored."""
     import subprocess
     import sys
 
@@ -182,7 +189,7 @@ def _start_driver(tmp_path, background: bool = False):
 
     return subprocess.Popen([sys.executable, "-c", DRIVER, FAKE_RUN, str(tmp_path)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_ignore_sigint if background else None)
+                            preexec_fn=_sigint_ignored if background else _sigint_default)
 
 
 def _wait_for(path, timeout=30.0):
