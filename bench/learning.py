@@ -197,11 +197,12 @@ def paired_difference(a: dict[str, bool], b: dict[str, bool]) -> tuple[float, fl
 
 def paired_line(results: dict[RunSpec, dict], arm: str = "rapo", baseline: str = "grpo") -> str | None:
     """``arm`` against ``baseline`` on the final eval, paired question by question over the seeds both ran."""
+    seeds = {s.seed for s in results if s.arm == arm} & {s.seed for s in results if s.arm == baseline}
+
     def pooled(name: str) -> dict[str, bool]:
         return {f"{spec.seed}/{q}": ok for spec, r in results.items() if spec.arm == name
                 and spec.seed in seeds for q, ok in r.get("final_correct", {}).items()}
 
-    seeds = ({s.seed for s in results if s.arm == arm} & {s.seed for s in results if s.arm == baseline})
     a, b = pooled(arm), pooled(baseline)
     if not seeds or not (set(a) & set(b)):
         return None
@@ -378,12 +379,12 @@ def read_run(run_dir: Path, batch: int) -> dict:
     history = json.loads((run_dir / "history.json").read_text())
     evals = history["evals"]
     files = sorted((run_dir / "eval").glob("step-*.jsonl"))
-    def shares(f: Path) -> dict[str, float]:
-        return label_shares([json.loads(x) for x in f.read_text().splitlines()])
+    def rows(f: Path) -> list[dict]:
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     # Without a step-0 eval (a run reusing another's) the "before" shares come from that run.
-    before = shares(files[0]) if files and files[0].name == "step-0000.jsonl" else {}
-    after = shares(files[-1]) if files else {}
-    final_rows = [json.loads(x) for x in files[-1].read_text().splitlines() if x.strip()] if files else []
+    before = label_shares(rows(files[0])) if files and files[0].name == "step-0000.jsonl" else {}
+    final_rows = rows(files[-1]) if files else []
+    after = label_shares(final_rows)
     steps = history["steps"]
     mean = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps) if steps else 0.0  # noqa: E731
     return {
