@@ -339,7 +339,19 @@ def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = Tr
     if code != 0:
         raise SystemExit(f"{spec.name} failed (exit {code}); see {out / f'{spec.name}.log'}")
     print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    if not args.keep_checkpoints:
+        drop_weights(run_dir)
     return run_dir
+
+
+# What a finished run keeps on disk is read from summary.json, history.json and eval/ alone; the
+# DeepSpeed checkpoints and the exported policy are ~2.7 GB a run (~27 GB for the full set).
+WEIGHT_DIRS = ("checkpoints", "policy")
+
+
+def drop_weights(run_dir: Path) -> None:
+    for name in WEIGHT_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def _run_child_signals() -> None:
@@ -444,6 +456,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--out", default="runs/bench-learning")
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each finished run's checkpoints/ and policy/ (about 2.7 GB a run)")
     parser.add_argument("--collect", action="store_true", help="start no run: table and plot of the finished ones")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from hypothesis import strategies as st
 
 from bench.learning import (
     ARMS,
+    WEIGHT_DIRS,
     arm_rows,
+    drop_weights,
     expand_arms,
     initial_eval_sources,
     label_shares,
@@ -21,6 +24,7 @@ from bench.learning import (
     paired_line,
     parts_at_work,
     parts_table,
+    read_run,
     steps_for_budget,
     wilson_interval,
     with_initial_eval,
@@ -313,3 +317,27 @@ def test_paired_line_pairs_only_the_seeds_both_arms_ran():
     # Seed 2 has no GRPO run: 4 paired questions, one won by each arm.
     assert "over 2 seeds: +0.000" in line and "1 questions only rapo answered, 1 only grpo, of 4" in line
     assert paired_line({s: r for s, r in results.items() if s.arm == "rapo"}) is None
+
+
+def test_dropping_a_finished_runs_weights_keeps_everything_the_tables_read(tmp_path):
+    run_dir = tmp_path / "rapo-seed0"
+    (run_dir / "eval").mkdir(parents=True)
+    summary = {"accuracy_initial": 0.25, "accuracy_final": 0.5, "eval_questions": 4, "steps": 2,
+               "replay_injections": 1, "pruned_questions": 1, "episodes_saved_by_pruning": 4}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    steps = [_step(2.0, 1, 3.0, 1.0, 2.0), _step(1.0, 0, 0.0, 1.0, 1.5)]
+    evals = [{"step": 0, "eval/accuracy": 0.25}, {"step": 2, "eval/accuracy": 0.5}]
+    (run_dir / "history.json").write_text(json.dumps({"steps": steps, "evals": evals}))
+    for step, right in ((0, {"a"}), (2, {"a", "b"})):
+        rows = [{"id": q, "correct": q in right, "labels": []} for q in "abcd"]
+        (run_dir / "eval" / f"step-{step:04d}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in WEIGHT_DIRS:
+        (run_dir / name / "rapo_step_2").mkdir(parents=True)
+        (run_dir / name / "rapo_step_2" / "model.bin").write_bytes(b"\0" * 1024)
+    before = read_run(run_dir, batch=8)
+
+    drop_weights(run_dir)
+
+    assert not any((run_dir / name).exists() for name in WEIGHT_DIRS)
+    assert read_run(run_dir, batch=8) == before
+    assert before["final_correct"] == {"a": True, "b": True, "c": False, "d": False}
