@@ -8,6 +8,12 @@ within every repetition, so load from other processes hits both alike. Prints a 
 median seconds and the fp32/bf16 ratio, and which precision `auto` picks here.
 
     python bench/precision.py --reps 2
+
+`--linear` times only the reference op of ../shared/machine/cpu-bf16.md (`nn.Linear(576, 1536)`
+forward+backward on 512 rows, one thread, best of 100): seconds, to compare this CPU with the
+machine measured there, or to check a stand-in for a CPU without bf16 (oneDNN and ATen held to
+AVX512: `ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE`). Last line
+`linear_fp32_ms=X linear_bf16_ms=Y bf16_over_fp32=Z`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,38 @@ def warm_start_step(base: Path, samples, cfg, bf16: bool, batch_size: int) -> fl
     return stamps[1] - stamps[0] if len(stamps) > 1 else stamps[0] - t0
 
 
+def best_seconds(fn, reps: int) -> float:
+    """Fastest of reps calls after one warm-up: the least disturbed by other load on the machine."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def linear_reference(reps: int = 100) -> tuple[float, float]:
+    """fp32 and bf16-autocast seconds of one nn.Linear(576, 1536) forward+backward on 512 rows."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layer = torch.nn.Linear(576, 1536)
+        x = torch.randn(512, 576, requires_grad=True)
+
+        def step(bf16: bool) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = layer(x)
+            y.float().sum().backward()
+
+        return best_seconds(lambda: step(False), reps), best_seconds(lambda: step(True), reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "deploy/configs/demo.yaml"))
@@ -51,7 +89,19 @@ def main() -> None:
     parser.add_argument("--learner-sequences", type=int, default=None, help="default: the config's step batch")
     parser.add_argument("--skip-learner", action="store_true")
     parser.add_argument("--skip-warm-start", action="store_true")
+    parser.add_argument("--linear", action="store_true", help="only the reference nn.Linear op (seconds)")
     args = parser.parse_args()
+
+    if args.linear:
+        import torch
+
+        from learner.precision import detect_precision
+
+        auto = detect_precision("auto", "cpu")
+        print(f"torch capability {torch.backends.cpu.get_cpu_capability()}; auto picks {auto.name} ({auto.reason})")
+        fp32, bf16 = linear_reference()
+        print(f"linear_fp32_ms={fp32 * 1e3:.1f} linear_bf16_ms={bf16 * 1e3:.1f} bf16_over_fp32={bf16 / fp32:.2f}")
+        return
 
     import numpy as np
     from transformers import AutoTokenizer
