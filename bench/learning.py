@@ -132,6 +132,21 @@ def with_initial_eval(run: dict, source: dict) -> dict:
             **{f"{lab}_before": source[f"{lab}_before"] for lab in REDUNDANT_LABELS}}
 
 
+def fill_initial_evals(results: dict[RunSpec, dict], starts: dict[int, dict]) -> dict[RunSpec, dict]:
+    """Every run that skipped its step-0 eval, completed with the start of its seed (``starts``: a stage-1
+    run of that seed that evaluated its own start; they all start from the same policy). Which run made it
+    does not matter, so runs added to an out folder later, or named in another order, still pair up."""
+    out = {}
+    for spec, run in results.items():
+        if run["acc_initial"] is None:
+            if spec.seed not in starts:
+                raise SystemExit(f"{spec.name} has no step-0 eval and no run of seed {spec.seed} made one; run "
+                                 f"grpo or rapo on that seed too, or --rerun {spec.name}'s arm alone")
+            run = with_initial_eval(run, starts[spec.seed])
+        out[spec] = run
+    return out
+
+
 def steps_for_budget(episodes: int, questions_per_step: int, samples_per_question: int) -> int:
     """Training steps that generate at least ``episodes`` episodes (every step generates a full batch)."""
     if episodes < 1:
@@ -344,6 +359,19 @@ def run_one(out: Path, spec: RunSpec, steps: int, args, eval_at_start: bool = Tr
     return run_dir
 
 
+def finished_starts(out: Path, seeds: list[int]) -> dict[int, str]:
+    """Per seed, a finished stage-1 run under ``out`` (any arm, from any earlier bench) that evaluated its start."""
+    found = {}
+    for seed in seeds:
+        for arm in ARMS:
+            summary = out / f"{arm}-seed{seed}" / "summary.json"
+            if arm not in OWN_INITIAL_EVAL_ARMS and summary.exists() \
+                    and json.loads(summary.read_text()).get("accuracy_initial") is not None:
+                found[seed] = summary.parent.name
+                break
+    return found
+
+
 # What a finished run keeps on disk is read from summary.json, history.json and eval/ alone; the
 # DeepSpeed checkpoints and the exported policy are ~2.7 GB a run (~27 GB for the full set).
 WEIGHT_DIRS = ("checkpoints", "policy")
@@ -474,20 +502,18 @@ def main() -> None:
     print(f"{len(specs)} runs of {steps} steps ({steps * batch} episodes each); held-out {args.eval_size} questions "
           f"at T={args.eval_temperature}", flush=True)
     sources = initial_eval_sources(specs)
+    starts = {seed: read_run(out / name, batch) for seed, name in finished_starts(out, args.seeds).items()}
     results: dict[RunSpec, dict] = {}
     for spec in specs:
         if args.collect and not (out / spec.name / "summary.json").exists():
             continue
-        source = sources[spec]
-        run = read_run(run_one(out, spec, steps, args, eval_at_start=source is None), batch)
-        if run["acc_initial"] is None:
-            if source not in results:
-                raise SystemExit(f"{spec.name} has no step-0 eval and {source.name if source else 'no run'} "
-                                 f"to take it from; run that arm too, or --rerun {spec.name}'s arm alone")
-            run = with_initial_eval(run, results[source])
-        results[spec] = run
+        own_start = sources[spec] is None and (spec.arm in OWN_INITIAL_EVAL_ARMS or spec.seed not in starts)
+        results[spec] = run = read_run(run_one(out, spec, steps, args, eval_at_start=own_start), batch)
+        if spec.arm not in OWN_INITIAL_EVAL_ARMS and run["acc_initial"] is not None:
+            starts.setdefault(spec.seed, run)
     if not results:
         raise SystemExit(f"no finished runs under {out}")
+    results = fill_initial_evals(results, starts)
     rows = arm_rows(results)
     table = markdown_table(rows) + "\n\nWhat the parts did:\n\n" + parts_table(rows)
     paired = paired_line(results)

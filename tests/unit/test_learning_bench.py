@@ -15,6 +15,8 @@ from bench.learning import (
     arm_rows,
     drop_weights,
     expand_arms,
+    fill_initial_evals,
+    finished_starts,
     initial_eval_sources,
     label_shares,
     last_line,
@@ -131,6 +133,27 @@ def test_each_seed_evaluates_its_start_once_and_stage2_its_own(arms, seeds):
         assert all(sources[s] == stage1[0] for s in stage1[1:])
         assert all(specs.index(sources[s]) < specs.index(s) for s in stage1[1:])
     assert all(sources[s] is None for s in specs if s.arm == "stage2")
+
+
+def test_runs_without_a_start_take_their_seeds_whatever_the_order_they_were_run_or_named_in():
+    # grpo-seed0 ran after rapo-seed0 in an earlier bench; this one names grpo first.
+    grpo0, rapo0, grpo1 = expand_arms(["grpo", "rapo"], [0, 1])[:3]
+    rapo_run = _run(0.4, 0.5, curve=[(0, 0.4), (64, 0.5)])
+    results = {grpo0: _run(None, 0.6, curve=[(64, 0.6)]), rapo0: rapo_run}
+    filled = fill_initial_evals(results, {0: rapo_run})
+    assert filled[grpo0]["acc_initial"] == 0.4 and filled[grpo0]["curve"] == [(0, 0.4), (64, 0.6)]
+    assert filled[rapo0] is rapo_run
+    with pytest.raises(SystemExit, match="no run of seed 1 made one"):
+        fill_initial_evals({grpo1: _run(None, 0.6)}, {0: rapo_run})
+
+
+def test_finished_starts_are_stage_1_runs_that_evaluated_their_start(tmp_path):
+    for name, acc0 in (("grpo-seed0", None), ("replay-seed0", 0.4), ("stage2-seed1", 0.5), ("rapo-seed2", 0.3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"accuracy_initial": acc0}))
+    (tmp_path / "grpo-seed2").mkdir()  # an unfinished run: no summary
+    # Seed 1's only start is stage 2's (its own labels and reward), so seed 1 has none.
+    assert finished_starts(tmp_path, [0, 1, 2]) == {0: "replay-seed0", 2: "rapo-seed2"}
 
 
 def test_a_run_without_its_step_0_eval_takes_the_sources_start_and_keeps_its_own_end():
