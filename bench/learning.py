@@ -75,7 +75,8 @@ MULTI_SEED_ARMS = ("grpo", "rapo")
 BENCH_SETTINGS = ("pipeline.mode=sync", "pipeline.questions_per_step=2", "pipeline.samples_per_question=4",
                   "learner.prune_threshold=0.9")
 # Every arm of a world seed starts from the same warm-started policy, so one run per seed evaluates
-# it at step 0 and the others reuse that eval (a 128-question greedy eval is ~3.5 min on 2 cores).
+# it at step 0 (a finished run of an earlier bench in the same --out counts) and the others reuse
+# that eval (a 128-question greedy eval is ~3.5 min on 2 cores).
 # The stage-2 arm evaluates its own start: only stage 2 labels the eval's tool calls, and its
 # "before" label shares need those labels.
 OWN_INITIAL_EVAL_ARMS = ("stage2",)
@@ -502,7 +503,9 @@ def main() -> None:
     print(f"{len(specs)} runs of {steps} steps ({steps * batch} episodes each); held-out {args.eval_size} questions "
           f"at T={args.eval_temperature}", flush=True)
     sources = initial_eval_sources(specs)
-    starts = {seed: read_run(out / name, batch) for seed, name in finished_starts(out, args.seeds).items()}
+    # --rerun starts every run over, its start eval included.
+    on_disk = {} if args.rerun else finished_starts(out, args.seeds)
+    starts = {seed: read_run(out / name, batch) for seed, name in on_disk.items()}
     results: dict[RunSpec, dict] = {}
     for spec in specs:
         if args.collect and not (out / spec.name / "summary.json").exists():
