@@ -66,7 +66,7 @@ ARMS: dict[str, tuple[str, ...]] = {
 }
 MULTI_SEED_ARMS = ("grpo", "rapo")
 # Settings of every run, before the command line's overrides. The demo config draws 4 questions x
-# 2 samples and prunes at a solve rate of 0.5, so that replay and pruning show within its 6 steps.
+# 2 samples and prunes at a solve rate of 0.5, so that replay and pruning show within its 5 steps.
 # On the benchmark's pool of 8, seed 0, lr 1e-5, 64 episodes, that shape unlearned tool calls:
 # GRPO's held-out accuracy went 0.414 -> 0.000 and RAPO's 0.414 -> 0.242, likely because with 2
 # samples a format-only difference (a wrong answer given at once earns 0.1, running out of tool
