@@ -71,7 +71,9 @@ MULTI_SEED_ARMS = ("grpo", "rapo")
 # GRPO's held-out accuracy went 0.414 -> 0.000 and RAPO's 0.414 -> 0.242, likely because with 2
 # samples a format-only difference (a wrong answer given at once earns 0.1, running out of tool
 # calls 0) gets as large a normalised advantage as a correct answer. With 2 x 4 both ended at 0.445, so
-# the benchmark keeps 4 samples a question and prunes at the paper's 0.9.
+# the benchmark keeps 4 samples a question and prunes at the paper's 0.9. Over 128 episodes GRPO
+# collapsed the same way at 2 x 4 (0.414 -> 0.000) while RAPO, its replay injecting from step 8, held
+# (0.469; README, Benchmarks).
 BENCH_SETTINGS = ("pipeline.mode=sync", "pipeline.questions_per_step=2", "pipeline.samples_per_question=4",
                   "learner.prune_threshold=0.9")
 # Every arm of a world seed starts from the same warm-started policy, so one run per seed evaluates
